@@ -1,0 +1,29 @@
+"""The agent's settings: one dataclass, built once from the command line, passed explicitly."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    name: str
+    controller: str  # "host:port" or "unix:/path"
+    underlay_ip: str
+    underlay_ifname: str
+    underlay_mtu: int = 1500
+    state_dir: Path = Path("/var/lib/jobnet/agent")
+    netns_dir: Path = Path("/run/jobnet/netns")
+    scratch_root: Path = Path("/var/lib/jobnet/scratch")
+    resync_interval_s: float = 15.0
+    poll_interval_s: float = 0.2
+    stop_grace_s: float = 10.0
+    job_uid: int = 65534
+    job_gid: int = 65534
+    allow_root_jobs: bool = False
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def cgroup_parent(self) -> str:
+        return f"jn-{self.name}"

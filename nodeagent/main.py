@@ -1,0 +1,153 @@
+"""`jobnet-agent`: the node agent daemon.
+
+Start-up order matters and is fixed here:
+  1. parse the settings;
+  2. enter the node's network namespace if --netns is given (whole process, before any thread exists);
+  3. create the job runtime (it may fork a helper process: that must happen before any thread or gRPC
+     channel exists, see nodeagent.isolation);
+  4. open the netlink sockets, then the gRPC channel, then run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ctypes
+import ipaddress
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from nodeagent.config import AgentSettings
+
+CLONE_NEWNET = 0x40000000
+
+EPILOG = """\
+examples:
+  # a node whose underlay is eth1, controller on the management network
+  jobnet-agent --name n1 --controller 10.0.0.5:7400 --underlay-ifname eth1 --underlay-ip 10.1.0.11
+
+  # several agents on one machine (how the lab runs them): each in its own network namespace,
+  # with its own state and namespace directories
+  jobnet-agent --name n2 --netns /run/netns/jnlab-n2 --controller 198.18.0.1:7400 \\
+      --underlay-ifname jnul0 --underlay-ip 198.18.0.12 \\
+      --state-dir /run/jobnet/lab/n2/state --netns-dir /run/jobnet/lab/n2/netns
+
+The agent keeps jobs running when it stops or crashes; a restarted agent adopts them and
+reconciles the kernel with the controller's desired state (use --stop-jobs-on-exit to drain).
+"""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="jobnet-agent",
+        description="jobnet node agent: runs this node's jobs in isolated network namespaces joined "
+        "by per-group bridges and VXLAN tunnels, as the controller's desired state says.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--name", required=True, help="node name as registered with the controller "
+                   "(lowercase letters, digits, '-', at most 13 characters)")
+    p.add_argument("--controller", default=os.environ.get("JOBNET_CONTROLLER", "127.0.0.1:7400"),
+                   help="controller address, HOST:PORT or unix:/path (default: %(default)s; "
+                   "env JOBNET_CONTROLLER)")
+    p.add_argument("--underlay-ifname", required=True,
+                   help="the interface VXLAN tunnels are sent from (e.g. eth1)")
+    p.add_argument("--underlay-ip", required=True, help="this node's IPv4 address on the underlay")
+    p.add_argument("--underlay-mtu", type=int, default=1500, help="underlay MTU (default: %(default)s)")
+    p.add_argument("--netns", type=Path, help="run the agent inside this network namespace file "
+                   "(e.g. /run/netns/jnlab-n1); default: the current one")
+    p.add_argument("--state-dir", type=Path, default=Path("/var/lib/jobnet/agent"),
+                   help="desired state, outbox and job records (default: %(default)s)")
+    p.add_argument("--netns-dir", type=Path, default=Path("/run/jobnet/netns"),
+                   help="where job network namespaces are bind-mounted (default: %(default)s)")
+    p.add_argument("--scratch-root", type=Path, default=Path("/var/lib/jobnet/scratch"),
+                   help="per-job scratch directories (default: %(default)s)")
+    p.add_argument("--resync-interval", type=float, default=15.0, metavar="SECONDS",
+                   help="full reconcile (re-read the kernel) every SECONDS (default: %(default)s)")
+    p.add_argument("--job-uid", type=int, default=65534, help="uid jobs run as (default: nobody)")
+    p.add_argument("--job-gid", type=int, default=65534, help="gid jobs run as (default: nogroup)")
+    p.add_argument("--allow-root-jobs", action="store_true", help="let jobs ask to run as root")
+    p.add_argument("--stop-jobs-on-exit", action="store_true",
+                   help="on SIGTERM, stop every job and remove the node's network objects")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    args = p.parse_args(argv)
+    try:
+        ipaddress.IPv4Address(args.underlay_ip)
+    except ValueError:
+        p.error(f"--underlay-ip {args.underlay_ip!r} is not an IPv4 address")
+    if not 1280 <= args.underlay_mtu <= 65535:
+        p.error(f"--underlay-mtu {args.underlay_mtu} is out of range 1280..65535")
+    return args
+
+
+def enter_netns(path: Path) -> None:
+    """setns(2) the whole (still single-threaded) process into the network namespace at `path`."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if libc.setns(fd, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns into {path}: {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format=f"%(asctime)s {args.name} %(levelname)s %(name)s: %(message)s")
+    log = logging.getLogger("jobnet.agent")
+    if args.netns:
+        try:
+            enter_netns(args.netns)
+        except OSError as e:
+            log.error("cannot enter network namespace %s: %s", args.netns, e.strerror or e)
+            return 1
+    settings = AgentSettings(
+        name=args.name,
+        controller=args.controller,
+        underlay_ip=args.underlay_ip,
+        underlay_ifname=args.underlay_ifname,
+        underlay_mtu=args.underlay_mtu,
+        state_dir=args.state_dir,
+        netns_dir=args.netns_dir,
+        scratch_root=args.scratch_root,
+        resync_interval_s=args.resync_interval,
+        job_uid=args.job_uid,
+        job_gid=args.job_gid,
+        allow_root_jobs=args.allow_root_jobs,
+    )
+    for d in (settings.state_dir, settings.netns_dir, settings.scratch_root):
+        d.mkdir(parents=True, exist_ok=True)
+
+    # Imported here, after setns: nothing below may have started a thread before this point.
+    from nodeagent.agent import Agent
+    from nodeagent.kernel.reconciler import NetSettings, NetworkReconciler
+    from nodeagent.runtime import SetupFailed, make_runtime
+
+    runtime = make_runtime(settings)  # may fork its helper: before threads and channels
+    network = NetworkReconciler(NetSettings(
+        netns_dir=settings.netns_dir,
+        underlay_ifname=settings.underlay_ifname,
+        underlay_ip=settings.underlay_ip,
+    ))
+    agent = Agent(settings, runtime, network, setup_failed=(SetupFailed,))
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, agent.request_stop)
+        await agent.run(stop_jobs_on_exit=args.stop_jobs_on_exit)
+
+    log.info("jobnet-agent %s starting: node %s, underlay %s on %s, controller %s",
+             "0.1.0", settings.name, settings.underlay_ip, settings.underlay_ifname, settings.controller)
+    asyncio.run(run())
+    log.info("jobnet-agent stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
