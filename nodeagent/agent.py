@@ -318,9 +318,13 @@ class Agent:
                 self._stopping_jobs.add(job_id)
         steps = self.network.reconcile(desired, full=full)
         self.stats["steps"] += len(steps)
-        if steps:
-            log.info("network: applied %d step(s) for revision %d%s", len(steps), desired.revision,
-                     " (full)" if full else "")
+        if full:
+            # Logged even when nothing changed: "0 step(s)" is how an operator (and the restart test)
+            # sees that the kernel already matched.
+            log.info("full reconcile of revision %d: %d step(s) %s", desired.revision, len(steps),
+                     ", ".join(sorted({type(s).__name__ for s in steps})))
+        elif steps:
+            log.info("reconcile of revision %d: %d step(s)", desired.revision, len(steps))
         for job in desired.jobs.values():
             if job.id in running or job.id in self.finished:
                 continue

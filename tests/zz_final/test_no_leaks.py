@@ -1,0 +1,35 @@
+"""Runs last (directory order): after the whole suite, nothing the project or its tests created is left
+on the machine: no network namespace, link, nft table or cgroup with the project's prefix `jn`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.root
+
+
+def _ours(names: list[str]) -> list[str]:
+    return [n for n in names if n.startswith(("jn", "jobnet"))]
+
+
+def test_no_namespaces_links_nft_tables_or_cgroups_left() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    netns = _ours([p.name for p in Path("/run/netns").iterdir()]) if Path("/run/netns").is_dir() else []
+    links = _ours([link["ifname"] for link in json.loads(
+        subprocess.run(["ip", "-j", "link", "show"], capture_output=True, text=True, check=True).stdout)])
+    nft = subprocess.run(["nft", "-j", "list", "tables"], capture_output=True, text=True)
+    tables = []
+    if nft.returncode == 0:
+        tables = _ours([t["table"]["name"] for t in json.loads(nft.stdout)["nftables"] if "table" in t])
+    cgroups = []
+    root = Path("/sys/fs/cgroup")
+    for hier in [root, *[p for p in root.iterdir() if p.is_dir()]]:
+        cgroups += [str(hier / n) for n in _ours([p.name for p in hier.iterdir() if p.is_dir()])]
+    left = {"netns": netns, "links": links, "nft tables": tables, "cgroups": cgroups}
+    assert not any(left.values()), f"left behind after the suite: {left}"
