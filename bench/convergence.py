@@ -25,7 +25,7 @@ from protos.jobnet.v1 import jobnet_pb2 as pb
 
 def pct(xs: list[float], p: float) -> float:
     xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+    return xs[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))]
 
 
 class Watcher(threading.Thread):

@@ -496,6 +496,8 @@ class Job(_message.Message):
     STARTED_FIELD_NUMBER: _builtins.int
     FINISHED_FIELD_NUMBER: _builtins.int
     DESIRED_RUNNING_FIELD_NUMBER: _builtins.int
+    ISOLATION_FIELD_NUMBER: _builtins.int
+    USAGE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """controller-assigned, 10 lowercase hex characters"""
     name: _builtins.str
@@ -521,6 +523,14 @@ class Job(_message.Message):
     def started(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def finished(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def isolation(self) -> Global___Isolation:
+        """as requested (site defaults are applied by the node's agent)"""
+
+    @_builtins.property
+    def usage(self) -> Global___Usage:
+        """resource usage at the end (and while running, when reported)"""
+
     def __init__(
         self,
         *,
@@ -541,14 +551,181 @@ class Job(_message.Message):
         started: _timestamp_pb2.Timestamp | None = ...,
         finished: _timestamp_pb2.Timestamp | None = ...,
         desired_running: _builtins.bool = ...,
+        isolation: Global___Isolation | None = ...,
+        usage: Global___Usage | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "finished", b"finished", "started", b"started"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "finished", b"finished", "isolation", b"isolation", "started", b"started", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "created", b"created", "desired_running", b"desired_running", "end_reason", b"end_reason", "exit_code", b"exit_code", "finished", b"finished", "group", b"group", "id", b"id", "ip", b"ip", "mac", b"mac", "message", b"message", "name", b"name", "node", b"node", "pid", b"pid", "signal", b"signal", "started", b"started", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "created", b"created", "desired_running", b"desired_running", "end_reason", b"end_reason", "exit_code", b"exit_code", "finished", b"finished", "group", b"group", "id", b"id", "ip", b"ip", "isolation", b"isolation", "mac", b"mac", "message", b"message", "name", b"name", "node", b"node", "pid", b"pid", "signal", b"signal", "started", b"started", "state", b"state", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Job: _TypeAlias = Job  # noqa: Y015
+
+@_typing.final
+class Resources(_message.Message):
+    """Per-job isolation and limits (issue 3). Zero / empty means "the site's default"; a request above
+    the site's maximum is refused by the agent with setup-failed naming the limit.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MEMORY_MAX_BYTES_FIELD_NUMBER: _builtins.int
+    MEMORY_HIGH_BYTES_FIELD_NUMBER: _builtins.int
+    CPU_WEIGHT_FIELD_NUMBER: _builtins.int
+    CPU_QUOTA_MILLICORES_FIELD_NUMBER: _builtins.int
+    IO_WEIGHT_FIELD_NUMBER: _builtins.int
+    PIDS_MAX_FIELD_NUMBER: _builtins.int
+    WALL_TIME_S_FIELD_NUMBER: _builtins.int
+    IO_LIMITS_FIELD_NUMBER: _builtins.int
+    memory_max_bytes: _builtins.int
+    """hard limit: the kernel OOM-kills the job (end reason oom)"""
+    memory_high_bytes: _builtins.int
+    """soft limit (throttle + reclaim above it)"""
+    cpu_weight: _builtins.int
+    """1..10000, relative share under contention (100 = default)"""
+    cpu_quota_millicores: _builtins.int
+    """hard cap: 1500 = at most 1.5 CPUs"""
+    io_weight: _builtins.int
+    """1..10000"""
+    pids_max: _builtins.int
+    wall_time_s: _builtins.int
+    """end reason timeout after this many seconds"""
+    @_builtins.property
+    def io_limits(self) -> _containers.RepeatedCompositeFieldContainer[Global___IoLimit]: ...
+    def __init__(
+        self,
+        *,
+        memory_max_bytes: _builtins.int = ...,
+        memory_high_bytes: _builtins.int = ...,
+        cpu_weight: _builtins.int = ...,
+        cpu_quota_millicores: _builtins.int = ...,
+        io_weight: _builtins.int = ...,
+        pids_max: _builtins.int = ...,
+        wall_time_s: _builtins.int = ...,
+        io_limits: _abc.Iterable[Global___IoLimit] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpu_quota_millicores", b"cpu_quota_millicores", "cpu_weight", b"cpu_weight", "io_limits", b"io_limits", "io_weight", b"io_weight", "memory_high_bytes", b"memory_high_bytes", "memory_max_bytes", b"memory_max_bytes", "pids_max", b"pids_max", "wall_time_s", b"wall_time_s"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Resources: _TypeAlias = Resources  # noqa: Y015
+
+@_typing.final
+class IoLimit(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_FIELD_NUMBER: _builtins.int
+    READ_BPS_FIELD_NUMBER: _builtins.int
+    WRITE_BPS_FIELD_NUMBER: _builtins.int
+    READ_IOPS_FIELD_NUMBER: _builtins.int
+    WRITE_IOPS_FIELD_NUMBER: _builtins.int
+    device: _builtins.str
+    """"MAJOR:MINOR" """
+    read_bps: _builtins.int
+    write_bps: _builtins.int
+    read_iops: _builtins.int
+    write_iops: _builtins.int
+    def __init__(
+        self,
+        *,
+        device: _builtins.str = ...,
+        read_bps: _builtins.int = ...,
+        write_bps: _builtins.int = ...,
+        read_iops: _builtins.int = ...,
+        write_iops: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "read_bps", b"read_bps", "read_iops", b"read_iops", "write_bps", b"write_bps", "write_iops", b"write_iops"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IoLimit: _TypeAlias = IoLimit  # noqa: Y015
+
+@_typing.final
+class Isolation(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESOURCES_FIELD_NUMBER: _builtins.int
+    ROOTFS_FIELD_NUMBER: _builtins.int
+    UID_FIELD_NUMBER: _builtins.int
+    GID_FIELD_NUMBER: _builtins.int
+    ENV_FIELD_NUMBER: _builtins.int
+    CWD_FIELD_NUMBER: _builtins.int
+    rootfs: _builtins.str
+    """a directory on the node: the job's root (pivot_root)"""
+    uid: _builtins.int
+    """default: the site's job uid"""
+    gid: _builtins.int
+    cwd: _builtins.str
+    """inside the job; default its scratch dir"""
+    @_builtins.property
+    def resources(self) -> Global___Resources: ...
+    @_builtins.property
+    def env(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """"KEY=VALUE" """
+
+    def __init__(
+        self,
+        *,
+        resources: Global___Resources | None = ...,
+        rootfs: _builtins.str = ...,
+        uid: _builtins.int | None = ...,
+        gid: _builtins.int | None = ...,
+        env: _abc.Iterable[_builtins.str] | None = ...,
+        cwd: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_gid", b"_gid", "_uid", b"_uid", "gid", b"gid", "resources", b"resources", "uid", b"uid"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_gid", b"_gid", "_uid", b"_uid", "cwd", b"cwd", "env", b"env", "gid", b"gid", "resources", b"resources", "rootfs", b"rootfs", "uid", b"uid"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__gid: _TypeAlias = _typing.Literal["gid"]  # noqa: Y015
+    _WhichOneofArgType__gid: _TypeAlias = _typing.Literal["_gid", b"_gid"]  # noqa: Y015
+    _WhichOneofReturnType__uid: _TypeAlias = _typing.Literal["uid"]  # noqa: Y015
+    _WhichOneofArgType__uid: _TypeAlias = _typing.Literal["_uid", b"_uid"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__gid) -> _WhichOneofReturnType__gid | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__uid) -> _WhichOneofReturnType__uid | None: ...
+
+Global___Isolation: _TypeAlias = Isolation  # noqa: Y015
+
+@_typing.final
+class Usage(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CPU_SECONDS_FIELD_NUMBER: _builtins.int
+    MEMORY_PEAK_BYTES_FIELD_NUMBER: _builtins.int
+    IO_READ_BYTES_FIELD_NUMBER: _builtins.int
+    IO_WRITE_BYTES_FIELD_NUMBER: _builtins.int
+    PIDS_PEAK_FIELD_NUMBER: _builtins.int
+    OOM_KILLS_FIELD_NUMBER: _builtins.int
+    cpu_seconds: _builtins.float
+    memory_peak_bytes: _builtins.int
+    io_read_bytes: _builtins.int
+    io_write_bytes: _builtins.int
+    pids_peak: _builtins.int
+    oom_kills: _builtins.int
+    def __init__(
+        self,
+        *,
+        cpu_seconds: _builtins.float = ...,
+        memory_peak_bytes: _builtins.int = ...,
+        io_read_bytes: _builtins.int = ...,
+        io_write_bytes: _builtins.int = ...,
+        pids_peak: _builtins.int = ...,
+        oom_kills: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpu_seconds", b"cpu_seconds", "io_read_bytes", b"io_read_bytes", "io_write_bytes", b"io_write_bytes", "memory_peak_bytes", b"memory_peak_bytes", "oom_kills", b"oom_kills", "pids_peak", b"pids_peak"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Usage: _TypeAlias = Usage  # noqa: Y015
 
 @_typing.final
 class CreateJobRequest(_message.Message):
@@ -558,11 +735,14 @@ class CreateJobRequest(_message.Message):
     NODE_FIELD_NUMBER: _builtins.int
     COMMAND_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
+    ISOLATION_FIELD_NUMBER: _builtins.int
     group: _builtins.str
     node: _builtins.str
     name: _builtins.str
     @_builtins.property
     def command(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def isolation(self) -> Global___Isolation: ...
     def __init__(
         self,
         *,
@@ -570,10 +750,11 @@ class CreateJobRequest(_message.Message):
         node: _builtins.str = ...,
         command: _abc.Iterable[_builtins.str] | None = ...,
         name: _builtins.str = ...,
+        isolation: Global___Isolation | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["isolation", b"isolation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "group", b"group", "name", b"name", "node", b"node"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "group", b"group", "isolation", b"isolation", "name", b"name", "node", b"node"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -676,6 +857,7 @@ class ReportJobStatusRequest(_message.Message):
     SIGNAL_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     PID_FIELD_NUMBER: _builtins.int
+    USAGE_FIELD_NUMBER: _builtins.int
     node: _builtins.str
     boot_id: _builtins.str
     job_id: _builtins.str
@@ -686,6 +868,8 @@ class ReportJobStatusRequest(_message.Message):
     signal: _builtins.int
     message: _builtins.str
     pid: _builtins.int
+    @_builtins.property
+    def usage(self) -> Global___Usage: ...
     def __init__(
         self,
         *,
@@ -698,10 +882,11 @@ class ReportJobStatusRequest(_message.Message):
         signal: _builtins.int = ...,
         message: _builtins.str = ...,
         pid: _builtins.int = ...,
+        usage: Global___Usage | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["boot_id", b"boot_id", "end_reason", b"end_reason", "exit_code", b"exit_code", "job_id", b"job_id", "message", b"message", "node", b"node", "pid", b"pid", "signal", b"signal", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["boot_id", b"boot_id", "end_reason", b"end_reason", "exit_code", b"exit_code", "job_id", b"job_id", "message", b"message", "node", b"node", "pid", b"pid", "signal", b"signal", "state", b"state", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -771,6 +956,7 @@ class LocalJob(_message.Message):
     COMMAND_FIELD_NUMBER: _builtins.int
     DESIRED_RUNNING_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
+    ISOLATION_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     group: _builtins.str
     ip: _builtins.str
@@ -781,6 +967,8 @@ class LocalJob(_message.Message):
     name: _builtins.str
     @_builtins.property
     def command(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def isolation(self) -> Global___Isolation: ...
     def __init__(
         self,
         *,
@@ -791,10 +979,11 @@ class LocalJob(_message.Message):
         command: _abc.Iterable[_builtins.str] | None = ...,
         desired_running: _builtins.bool = ...,
         name: _builtins.str = ...,
+        isolation: Global___Isolation | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["isolation", b"isolation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "desired_running", b"desired_running", "group", b"group", "id", b"id", "ip", b"ip", "mac", b"mac", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "desired_running", b"desired_running", "group", b"group", "id", b"id", "ip", b"ip", "isolation", b"isolation", "mac", b"mac", "name", b"name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
