@@ -12,6 +12,8 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from google.protobuf.json_format import MessageToDict
+
 from protos.jobnet.v1 import jobnet_pb2 as pb
 
 
@@ -41,6 +43,7 @@ class LocalJob:
     command: tuple[str, ...]
     desired_running: bool = True
     name: str = ""
+    isolation_json: str = "{}"  # jobnet.v1.Isolation as canonical JSON (proto field names)
 
 
 @dataclass(frozen=True)
@@ -89,7 +92,8 @@ class DesiredState:
         for g in update.upsert.groups:
             groups[g.name] = GroupSpec(g.name, g.vni, g.subnet, g.gateway, g.mtu)
         for j in update.upsert.jobs:
-            jobs[j.id] = LocalJob(j.id, j.group, j.ip, j.mac, tuple(j.command), j.desired_running, j.name)
+            iso = json.dumps(MessageToDict(j.isolation, preserving_proto_field_name=True), sort_keys=True)
+            jobs[j.id] = LocalJob(j.id, j.group, j.ip, j.mac, tuple(j.command), j.desired_running, j.name, iso)
         for e in update.upsert.endpoints:
             endpoints[e.job_id] = RemoteEndpoint(e.group, e.job_id, e.node, e.underlay_ip, e.ip, e.mac)
         return DesiredState(update.revision, groups, jobs, endpoints)
