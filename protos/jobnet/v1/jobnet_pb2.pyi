@@ -108,6 +108,68 @@ END_REASON_LOST: EndReason.ValueType  # 7
 Global___EndReason: _TypeAlias = EndReason  # noqa: Y015
 
 @_typing.final
+class ReadJobLogRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    STREAM_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    MAX_BYTES_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    stream: _builtins.str
+    """"stdout" (default) or "stderr" """
+    offset: _builtins.int
+    """byte offset; negative: that many bytes from the end"""
+    max_bytes: _builtins.int
+    """default and cap: 1 MiB"""
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        stream: _builtins.str = ...,
+        offset: _builtins.int = ...,
+        max_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "max_bytes", b"max_bytes", "offset", b"offset", "stream", b"stream"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReadJobLogRequest: _TypeAlias = ReadJobLogRequest  # noqa: Y015
+
+@_typing.final
+class ReadJobLogResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATA_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    FINISHED_FIELD_NUMBER: _builtins.int
+    data: _builtins.bytes
+    offset: _builtins.int
+    """where `data` starts"""
+    size: _builtins.int
+    """the file's size now"""
+    finished: _builtins.bool
+    """the job has ended: the file will not grow"""
+    def __init__(
+        self,
+        *,
+        data: _builtins.bytes = ...,
+        offset: _builtins.int = ...,
+        size: _builtins.int = ...,
+        finished: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "finished", b"finished", "offset", b"offset", "size", b"size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReadJobLogResponse: _TypeAlias = ReadJobLogResponse  # noqa: Y015
+
+@_typing.final
 class Group(_message.Message):
     """---------------------------------------------------------------- groups"""
 
@@ -298,6 +360,7 @@ class Node(_message.Message):
     REGISTERED_FIELD_NUMBER: _builtins.int
     LIVE_JOBS_FIELD_NUMBER: _builtins.int
     AGENT_VERSION_FIELD_NUMBER: _builtins.int
+    AGENT_ADDRESS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     underlay_ip: _builtins.str
     underlay_mtu: _builtins.int
@@ -306,6 +369,8 @@ class Node(_message.Message):
     applied_revision: _builtins.int
     live_jobs: _builtins.int
     agent_version: _builtins.str
+    agent_address: _builtins.str
+    """HOST:PORT of the node's NodeAgent service"""
     @_builtins.property
     def last_heartbeat(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -323,10 +388,11 @@ class Node(_message.Message):
         registered: _timestamp_pb2.Timestamp | None = ...,
         live_jobs: _builtins.int = ...,
         agent_version: _builtins.str = ...,
+        agent_address: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["last_heartbeat", b"last_heartbeat", "registered", b"registered"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "applied_revision", b"applied_revision", "boot_id", b"boot_id", "last_heartbeat", b"last_heartbeat", "live_jobs", b"live_jobs", "name", b"name", "registered", b"registered", "state", b"state", "underlay_ip", b"underlay_ip", "underlay_mtu", b"underlay_mtu"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_address", b"agent_address", "agent_version", b"agent_version", "applied_revision", b"applied_revision", "boot_id", b"boot_id", "last_heartbeat", b"last_heartbeat", "live_jobs", b"live_jobs", "name", b"name", "registered", b"registered", "state", b"state", "underlay_ip", b"underlay_ip", "underlay_mtu", b"underlay_mtu"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -342,6 +408,7 @@ class RegisterNodeRequest(_message.Message):
     BOOT_ID_FIELD_NUMBER: _builtins.int
     APPLIED_REVISION_FIELD_NUMBER: _builtins.int
     AGENT_VERSION_FIELD_NUMBER: _builtins.int
+    AGENT_ADDRESS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     underlay_ip: _builtins.str
     underlay_mtu: _builtins.int
@@ -351,6 +418,8 @@ class RegisterNodeRequest(_message.Message):
     """
     applied_revision: _builtins.int
     agent_version: _builtins.str
+    agent_address: _builtins.str
+    """HOST:PORT where this agent serves NodeAgent (job logs)"""
     def __init__(
         self,
         *,
@@ -360,10 +429,11 @@ class RegisterNodeRequest(_message.Message):
         boot_id: _builtins.str = ...,
         applied_revision: _builtins.int = ...,
         agent_version: _builtins.str = ...,
+        agent_address: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "applied_revision", b"applied_revision", "boot_id", b"boot_id", "name", b"name", "underlay_ip", b"underlay_ip", "underlay_mtu", b"underlay_mtu"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_address", b"agent_address", "agent_version", b"agent_version", "applied_revision", b"applied_revision", "boot_id", b"boot_id", "name", b"name", "underlay_ip", b"underlay_ip", "underlay_mtu", b"underlay_mtu"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

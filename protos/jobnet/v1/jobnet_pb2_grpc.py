@@ -104,6 +104,11 @@ class ControllerStub:
                 request_serializer=protos_dot_jobnet_dot_v1_dot_jobnet__pb2.GetTopologyRequest.SerializeToString,
                 response_deserializer=protos_dot_jobnet_dot_v1_dot_jobnet__pb2.Topology.FromString,
                 _registered_method=True)
+        self.ReadJobLog = channel.unary_unary(
+                '/jobnet.v1.Controller/ReadJobLog',
+                request_serializer=protos_dot_jobnet_dot_v1_dot_jobnet__pb2.ReadJobLogRequest.SerializeToString,
+                response_deserializer=protos_dot_jobnet_dot_v1_dot_jobnet__pb2.ReadJobLogResponse.FromString,
+                _registered_method=True)
 
 
 class ControllerServicer:
@@ -202,6 +207,13 @@ class ControllerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReadJobLog(self, request, context):
+        """A job's stdout or stderr, read from its node (the controller forwards to the node's agent).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControllerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -274,6 +286,11 @@ def add_ControllerServicer_to_server(servicer, server):
                     servicer.GetTopology,
                     request_deserializer=protos_dot_jobnet_dot_v1_dot_jobnet__pb2.GetTopologyRequest.FromString,
                     response_serializer=protos_dot_jobnet_dot_v1_dot_jobnet__pb2.Topology.SerializeToString,
+            ),
+            'ReadJobLog': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReadJobLog,
+                    request_deserializer=protos_dot_jobnet_dot_v1_dot_jobnet__pb2.ReadJobLogRequest.FromString,
+                    response_serializer=protos_dot_jobnet_dot_v1_dot_jobnet__pb2.ReadJobLogResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -654,6 +671,108 @@ class Controller:
             '/jobnet.v1.Controller/GetTopology',
             protos_dot_jobnet_dot_v1_dot_jobnet__pb2.GetTopologyRequest.SerializeToString,
             protos_dot_jobnet_dot_v1_dot_jobnet__pb2.Topology.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadJobLog(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobnet.v1.Controller/ReadJobLog',
+            protos_dot_jobnet_dot_v1_dot_jobnet__pb2.ReadJobLogRequest.SerializeToString,
+            protos_dot_jobnet_dot_v1_dot_jobnet__pb2.ReadJobLogResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class NodeAgentStub:
+    """Served by each node agent (address in Node.agent_address), called by the controller.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.ReadJobLog = channel.unary_unary(
+                '/jobnet.v1.NodeAgent/ReadJobLog',
+                request_serializer=protos_dot_jobnet_dot_v1_dot_jobnet__pb2.ReadJobLogRequest.SerializeToString,
+                response_deserializer=protos_dot_jobnet_dot_v1_dot_jobnet__pb2.ReadJobLogResponse.FromString,
+                _registered_method=True)
+
+
+class NodeAgentServicer:
+    """Served by each node agent (address in Node.agent_address), called by the controller.
+    """
+
+    def ReadJobLog(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_NodeAgentServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'ReadJobLog': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReadJobLog,
+                    request_deserializer=protos_dot_jobnet_dot_v1_dot_jobnet__pb2.ReadJobLogRequest.FromString,
+                    response_serializer=protos_dot_jobnet_dot_v1_dot_jobnet__pb2.ReadJobLogResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'jobnet.v1.NodeAgent', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('jobnet.v1.NodeAgent', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class NodeAgent:
+    """Served by each node agent (address in Node.agent_address), called by the controller.
+    """
+
+    @staticmethod
+    def ReadJobLog(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobnet.v1.NodeAgent/ReadJobLog',
+            protos_dot_jobnet_dot_v1_dot_jobnet__pb2.ReadJobLogRequest.SerializeToString,
+            protos_dot_jobnet_dot_v1_dot_jobnet__pb2.ReadJobLogResponse.FromString,
             options,
             channel_credentials,
             insecure,

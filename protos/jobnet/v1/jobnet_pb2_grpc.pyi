@@ -66,6 +66,8 @@ class ControllerStub:
     """
     GetTopology: _grpc.UnaryUnaryMultiCallable[_jobnet_pb2.GetTopologyRequest, _jobnet_pb2.Topology]
     """The whole overlay as a graph: nodes, groups, jobs and the VXLAN tunnels between nodes."""
+    ReadJobLog: _grpc.UnaryUnaryMultiCallable[_jobnet_pb2.ReadJobLogRequest, _jobnet_pb2.ReadJobLogResponse]
+    """A job's stdout or stderr, read from its node (the controller forwards to the node's agent)."""
 
 @_typing.type_check_only
 class ControllerAsyncStub(ControllerStub):
@@ -95,6 +97,8 @@ class ControllerAsyncStub(ControllerStub):
     """
     GetTopology: _aio.UnaryUnaryMultiCallable[_jobnet_pb2.GetTopologyRequest, _jobnet_pb2.Topology]  # type: ignore[assignment]
     """The whole overlay as a graph: nodes, groups, jobs and the VXLAN tunnels between nodes."""
+    ReadJobLog: _aio.UnaryUnaryMultiCallable[_jobnet_pb2.ReadJobLogRequest, _jobnet_pb2.ReadJobLogResponse]  # type: ignore[assignment]
+    """A job's stdout or stderr, read from its node (the controller forwards to the node's agent)."""
 
 class ControllerServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -206,4 +210,40 @@ class ControllerServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_jobnet_pb2.Topology, _abc.Awaitable[_jobnet_pb2.Topology]]:
         """The whole overlay as a graph: nodes, groups, jobs and the VXLAN tunnels between nodes."""
 
+    @_abc_1.abstractmethod
+    def ReadJobLog(
+        self,
+        request: _jobnet_pb2.ReadJobLogRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_jobnet_pb2.ReadJobLogResponse, _abc.Awaitable[_jobnet_pb2.ReadJobLogResponse]]:
+        """A job's stdout or stderr, read from its node (the controller forwards to the node's agent)."""
+
 def add_ControllerServicer_to_server(servicer: ControllerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class NodeAgentStub:
+    """Served by each node agent (address in Node.agent_address), called by the controller."""
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> NodeAgentAsyncStub: ...
+    ReadJobLog: _grpc.UnaryUnaryMultiCallable[_jobnet_pb2.ReadJobLogRequest, _jobnet_pb2.ReadJobLogResponse]
+
+@_typing.type_check_only
+class NodeAgentAsyncStub(NodeAgentStub):
+    """Served by each node agent (address in Node.agent_address), called by the controller."""
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    ReadJobLog: _aio.UnaryUnaryMultiCallable[_jobnet_pb2.ReadJobLogRequest, _jobnet_pb2.ReadJobLogResponse]  # type: ignore[assignment]
+
+class NodeAgentServicer(metaclass=_abc_1.ABCMeta):
+    """Served by each node agent (address in Node.agent_address), called by the controller."""
+
+    @_abc_1.abstractmethod
+    def ReadJobLog(
+        self,
+        request: _jobnet_pb2.ReadJobLogRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_jobnet_pb2.ReadJobLogResponse, _abc.Awaitable[_jobnet_pb2.ReadJobLogResponse]]: ...
+
+def add_NodeAgentServicer_to_server(servicer: NodeAgentServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
