@@ -30,6 +30,7 @@ import grpc
 
 from nodeagent.config import AgentSettings
 from nodeagent.desired import DesiredState, LocalJob, StaleDelta
+from nodeagent.logs import NodeAgentService
 from nodeagent.outbox import Outbox
 from nodeagent.state import AgentState
 from protos.jobnet.v1 import jobnet_pb2 as pb
@@ -125,6 +126,11 @@ class Agent:
         self._dirty.set()
         self._channel = _channel(self.s.controller)
         self._stub = pbg.ControllerStub(self._channel)
+        server = grpc.aio.server()
+        pbg.add_NodeAgentServicer_to_server(
+            NodeAgentService(self.s.scratch_root, lambda job_id: job_id in self.finished), server)
+        server.add_insecure_port(self.s.agent_address)
+        await server.start()
         tasks = [
             asyncio.create_task(self._guard("watch", self._watch_loop)),
             asyncio.create_task(self._guard("reconcile", self._reconcile_loop)),
@@ -142,6 +148,7 @@ class Agent:
             await loop.run_in_executor(self._kernel, self._drain_sync)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._flush_outbox(), timeout=3)
+        await server.stop(grace=1)
         await self._channel.close()
         await loop.run_in_executor(self._kernel, self._close_sync)
         self._kernel.shutdown(wait=True)
@@ -174,6 +181,7 @@ class Agent:
                 boot_id=self.boot_id,
                 applied_revision=self.applied_revision,
                 agent_version=VERSION,
+                agent_address=self.s.agent_address,
             ),
             timeout=10,
         )

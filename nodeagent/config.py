@@ -22,7 +22,12 @@ class AgentSettings:
     job_uid: int = 65534
     job_gid: int = 65534
     allow_root_jobs: bool = False
+    agent_port: int = 7401  # NodeAgent service (job logs) on underlay_ip
     extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def agent_address(self) -> str:
+        return f"{self.underlay_ip}:{self.agent_port}"
 
     @property
     def cgroup_parent(self) -> str:
