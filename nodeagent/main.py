@@ -69,6 +69,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="full reconcile (re-read the kernel) every SECONDS (default: %(default)s)")
     p.add_argument("--job-uid", type=int, default=65534, help="uid jobs run as (default: nobody)")
     p.add_argument("--job-gid", type=int, default=65534, help="gid jobs run as (default: nogroup)")
+    p.add_argument("--agent-port", type=int, default=7401,
+                   help="port on the underlay address where the agent serves job logs to the controller "
+                   "(default: %(default)s)")
     p.add_argument("--allow-root-jobs", action="store_true", help="let jobs ask to run as root")
     p.add_argument("--stop-jobs-on-exit", action="store_true",
                    help="on SIGTERM, stop every job and remove the node's network objects")
@@ -119,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         job_uid=args.job_uid,
         job_gid=args.job_gid,
         allow_root_jobs=args.allow_root_jobs,
+        agent_port=args.agent_port,
     )
     for d in (settings.state_dir, settings.netns_dir, settings.scratch_root):
         d.mkdir(parents=True, exist_ok=True)
