@@ -95,7 +95,8 @@ def test_vxlan_devices_and_entries_follow_the_groups(lab: Lab, world: dict[str, 
     remote_blue = [j for j in jobs if j.group == "blue" and j.node != "n3"]
     for j in remote_blue:
         entry = [e for e in fdb if e["mac"] == j.mac]
-        assert entry and entry[0]["dst"] == lab.underlay_ip(j.node) and "permanent" in entry[0].get("state", "permanent")
+        assert entry and entry[0]["dst"] == lab.underlay_ip(j.node)
+        assert entry[0].get("state") == "permanent", entry
     neigh = json.loads(lab.in_node("n3", ["ip", "-j", "neigh", "show", "dev", f"jnx{blue.vni}"]).stdout)
     assert sorted((n["dst"], n["lladdr"]) for n in neigh) == sorted((j.ip, j.mac) for j in remote_blue)
     # inside a job: its own address, MAC and MTU

@@ -21,6 +21,7 @@ def test_stale_code_is_detected(tmp_path: Path) -> None:
     copy = tmp_path / "repo"
     shutil.copytree(ROOT / "protos", copy / "protos")
     proto = copy / "protos" / "jobnet" / "v1" / "jobnet.proto"
-    proto.write_text(proto.read_text().replace("message ListNodesRequest {}", "message ListNodesRequest { string x = 1; }"))
+    text = proto.read_text().replace("message ListNodesRequest {}", "message ListNodesRequest { string x = 1; }")
+    proto.write_text(text)
     r = subprocess.run([sys.executable, "protos/generate.py", "--check"], cwd=copy, capture_output=True, text=True)
     assert r.returncode == 1 and "stale" in r.stdout
