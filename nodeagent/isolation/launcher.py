@@ -1,0 +1,288 @@
+"""Child side of a launch: the job's init (PID 1 of the job's PID namespace) and the job process it execs.
+
+Runs in a process forked from the single-threaded zygote, never in the agent. Each step is a flat call whose
+failure is reported to the agent as {error: <step>, cause} and recorded in the status file; the order matters:
+
+  1. netns           setns into the network namespace the agent's network reconciler made
+  2. mount-ns        unshare(CLONE_NEWNS); make every mount private (and, without a rootfs, read-only) so
+                     nothing propagates back to the host and the job cannot write outside its scratch
+  3. mount-rootfs    bind the rootfs onto itself read-only (pivot_root needs a mount point)
+  4. mount-scratch   bind scratch/<name> onto /tmp, /var/tmp, ... (MOUNT_UNDER_SCRATCH) and the scratch dir
+  5. mount-dev       (rootfs only) a tmpfs /dev with null, zero, full, random, urandom, tty bound from the host
+  6. mount-proc      a fresh /proc for the job's PID namespace (must be mounted from inside it: we are PID 1)
+  7. pivot-root      (rootfs only) pivot_root(".", ".") then umount2(MNT_DETACH) of the old root
+  8. barrier         report {ready}; wait for {go}: the agent has attached us to the cgroup meanwhile
+  9. spawn           fork the job; in it: setsid, stdio, drop-privileges (bounding set, ambient, groups,
+                     gid, uid, capset 0, no_new_privs), close-fds, chdir, exec
+Then init reaps every zombie, forwards SIGTERM/SIGINT/SIGHUP/SIGQUIT/SIGUSR1/SIGUSR2 to the job's process
+group, enforces the wall time (SIGKILL of every process in the namespace) and, when the job's main process
+ends, writes the status file and exits, which makes the kernel kill whatever is left in the namespace.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import sys
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+from . import linux, protocol
+from .plan import DEV_NODES, ChildPlan
+
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
+
+
+class StepError(Exception):
+    def __init__(self, step: str, cause: str) -> None:
+        self.step = step
+        self.cause = cause
+        super().__init__(f"{step}: {cause}")
+
+
+def _step(name: str, fn: Callable[[], None]) -> None:
+    try:
+        fn()
+    except StepError:
+        raise
+    except Exception as e:  # any failure of a kernel step becomes a named step error
+        cause = e.strerror if isinstance(e, OSError) and e.strerror else str(e) or type(e).__name__
+        raise StepError(name, cause) from e
+
+
+class JobFds:
+    """The fds the zygote hands to the init, in protocol order."""
+
+    ORDER = ("ctl", "netns", "stdin", "stdout", "stderr", "status")
+
+    def __init__(self, fds: list[int]) -> None:
+        if len(fds) != len(self.ORDER):
+            raise ValueError(f"expected {len(self.ORDER)} fds, got {len(fds)}")
+        self.ctl, self.netns, self.stdin, self.stdout, self.stderr, self.status = fds
+
+    def all(self) -> set[int]:
+        return {self.ctl, self.netns, self.stdin, self.stdout, self.stderr, self.status}
+
+
+def write_status(fd: int, **status: Any) -> None:
+    with contextlib.suppress(OSError):
+        os.write(fd, json.dumps(status).encode())
+
+
+# -- the init --------------------------------------------------------------------------------------------
+
+
+def run_init(plan: ChildPlan, fds: JobFds, last_cap: int) -> NoReturn:
+    """Entry point in the freshly forked PID 1. Never returns."""
+    code = 0
+    try:
+        code = _init(plan, fds, last_cap)
+    except BaseException as e:  # PID 1 must always record why it stops
+        write_status(fds.status, end_reason="setup-failed", message=f"init: {e!r}")
+        code = 1
+    os._exit(code)
+
+
+def _init(plan: ChildPlan, fds: JobFds, last_cap: int) -> int:
+    os.setsid()
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD, signal.SIGPIPE):
+        signal.signal(sig, signal.SIG_DFL)
+    linux.close_fds_except(fds.all())
+    ctl = socket.socket(fileno=fds.ctl)
+    try:
+        _setup_namespaces(plan, fds)
+    except StepError as e:
+        write_status(fds.status, end_reason="setup-failed", message=f"{e.step}: {e.cause}")
+        with contextlib.suppress(OSError):
+            protocol.send(ctl, {"error": e.step, "cause": e.cause})
+        return 1
+
+    # -- barrier: nothing of the job runs before the agent says go ---------------------------------------
+    protocol.send(ctl, {"ready": True})
+    msg, _ = protocol.recv(ctl)
+    if not msg or not msg.get("go"):
+        write_status(fds.status, end_reason="setup-failed", message="barrier: the agent went away before go")
+        return 1
+
+    state: dict[str, Any] = {"main": 0, "timed_out": False}
+
+    def forward(sig: int, _frame: object) -> None:
+        if state["main"]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(-state["main"], sig)
+
+    def on_timeout(_sig: int, _frame: object) -> None:
+        state["timed_out"] = True
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(-1, signal.SIGKILL)  # from PID 1: every process of the namespace but us
+
+    for sig in FORWARDED:
+        signal.signal(sig, forward)
+    signal.signal(signal.SIGALRM, on_timeout)
+
+    errr, errw = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:
+        _exec_job(plan, fds, errw, last_cap)
+    state["main"] = pid
+    os.close(errw)
+    err = b""
+    while chunk := os.read(errr, 4096):
+        err += chunk
+    os.close(errr)
+    if err:
+        step, _, cause = err.decode(errors="replace").partition("\0")
+        os.waitpid(pid, 0)
+        write_status(fds.status, end_reason="setup-failed", message=f"{step}: {cause}")
+        with contextlib.suppress(OSError):
+            protocol.send(ctl, {"error": step, "cause": cause})
+        return 1
+    if plan.wall_time_s:
+        signal.setitimer(signal.ITIMER_REAL, plan.wall_time_s)
+    with contextlib.suppress(OSError):
+        protocol.send(ctl, {"exec": "ok"})
+    ctl.close()
+    for fd in (fds.stdin, fds.stdout, fds.stderr):
+        os.close(fd)
+
+    # -- reaper ------------------------------------------------------------------------------------------
+    while True:
+        try:
+            wpid, status = os.wait()
+        except ChildProcessError:  # main already reaped by a race we do not expect; be safe
+            write_status(fds.status, end_reason="exited", exit_code=0, message="init: lost the main process")
+            return 0
+        if wpid != pid:
+            continue
+        break
+    if state["timed_out"]:
+        write_status(fds.status, end_reason="timeout", signal=signal.SIGKILL,
+                     message=f"wall time {plan.wall_time_s}s exceeded")
+    elif os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        write_status(fds.status, end_reason="signalled", signal=sig, message=f"killed by {signal.Signals(sig).name}")
+    else:
+        write_status(fds.status, end_reason="exited", exit_code=os.WEXITSTATUS(status))
+    return 0
+
+
+def _setup_namespaces(plan: ChildPlan, fds: JobFds) -> None:
+    _step("netns", lambda: linux.setns(fds.netns, linux.CLONE_NEWNET, "network namespace"))
+    os.close(fds.netns)
+    _step("mount-ns", lambda: linux.unshare(linux.CLONE_NEWNS))
+    if plan.rootfs is None:
+        _step("mount-private", lambda: linux.mount_setattr(
+            "/", recursive=True, attr_set=linux.MOUNT_ATTR_RDONLY, propagation=linux.MS_PRIVATE))
+        root = ""
+    else:
+        _step("mount-private", lambda: linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE))
+        root = plan.rootfs.rstrip("/")
+        _step("mount-rootfs", lambda: _bind_rootfs(root))
+    _step("mount-scratch", lambda: _bind_scratch(plan, root))
+    if root:
+        _step("mount-dev", lambda: _mount_dev(root))
+    _step("mount-proc", lambda: _mount_proc(root))
+    if root:
+        _step("pivot-root", lambda: _pivot_root(root))
+
+
+def _bind_rootfs(root: str) -> None:
+    linux.mount(root, root, None, linux.MS_BIND | linux.MS_REC)
+    linux.mount(None, root, None, linux.MS_REMOUNT | linux.MS_BIND | linux.MS_RDONLY)
+
+
+def _mountpoint(root: str, target: str) -> str:
+    path = root + target
+    if root and not os.path.isdir(path):
+        # a missing mount point in a (writable) rootfs: create it on the rootfs itself, before it went read-only
+        raise OSError(2, f"mount point {target} missing in rootfs {root}")
+    return path
+
+
+def _bind_rw(source: str, target: str) -> None:
+    # bind through an O_PATH fd opened before any bind: a source below an earlier target stays reachable
+    fd = os.open(source, os.O_PATH | os.O_CLOEXEC | os.O_DIRECTORY)
+    try:
+        linux.mount(f"/proc/self/fd/{fd}", target, None, linux.MS_BIND)
+    finally:
+        os.close(fd)
+    linux.mount_setattr(target, recursive=False, attr_clr=linux.MOUNT_ATTR_RDONLY,
+                        attr_set=linux.MOUNT_ATTR_NOSUID | linux.MOUNT_ATTR_NODEV)
+
+
+def _bind_scratch(plan: ChildPlan, root: str) -> None:
+    pairs = [(plan.scratch_dir, plan.scratch_in_job)] + [(b.source, b.target) for b in plan.binds]
+    sources = [os.open(src, os.O_PATH | os.O_CLOEXEC | os.O_DIRECTORY) for src, _ in pairs]
+    try:
+        for fd, (_, target) in zip(sources, pairs, strict=True):
+            _bind_rw(f"/proc/self/fd/{fd}", _mountpoint(root, target))
+    finally:
+        for fd in sources:
+            os.close(fd)
+
+
+def _mount_dev(root: str) -> None:
+    dev = _mountpoint(root, "/dev")
+    linux.mount("tmpfs", dev, "tmpfs", linux.MS_NOSUID | linux.MS_NOEXEC, "mode=755,size=64k")
+    for node in DEV_NODES:
+        path = f"{dev}/{node}"
+        with open(path, "w"):
+            pass
+        linux.mount(f"/dev/{node}", path, None, linux.MS_BIND)
+    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
+                         ("stderr", "/proc/self/fd/2")):
+        os.symlink(target, f"{dev}/{name}")
+    os.mkdir(f"{dev}/shm", 0o1777)
+    os.chmod(f"{dev}/shm", 0o1777)
+
+
+def _mount_proc(root: str) -> None:
+    linux.mount("proc", _mountpoint(root, "/proc"), "proc", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
+
+
+def _pivot_root(root: str) -> None:
+    os.chdir(root)
+    linux.pivot_root(".", ".")
+    linux.umount2(".", linux.MNT_DETACH)
+    os.chdir("/")
+
+
+# -- the job process -------------------------------------------------------------------------------------
+
+
+def _exec_job(plan: ChildPlan, fds: JobFds, errw: int, last_cap: int) -> NoReturn:
+    step = "spawn"
+    try:
+        os.setsid()
+        for sig in (*FORWARDED, signal.SIGALRM, signal.SIGPIPE, signal.SIGXFSZ, signal.SIGCHLD):
+            signal.signal(sig, signal.SIG_DFL)
+        step = "stdio"
+        os.dup2(fds.stdin, 0)
+        os.dup2(fds.stdout, 1)
+        os.dup2(fds.stderr, 2)
+        step = "drop-privileges"
+        linux.drop_bounding_set(last_cap)
+        linux.prctl(linux.PR_CAP_AMBIENT, linux.PR_CAP_AMBIENT_CLEAR_ALL, what="PR_CAP_AMBIENT_CLEAR_ALL")
+        os.setgroups([])
+        os.setresgid(plan.gid, plan.gid, plan.gid)
+        os.setresuid(plan.uid, plan.uid, plan.uid)
+        linux.capset_zero()
+        linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1, what="PR_SET_NO_NEW_PRIVS")
+        step = "close-fds"
+        linux.close_fds_except({errw})
+        step = "chdir"
+        os.chdir(plan.cwd)
+        step = "exec"
+        os.execvpe(plan.command[0], list(plan.command), plan.env)
+    except BaseException as e:  # report any failure through the pipe, then die
+        cause = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        if step == "exec":
+            cause = f"{plan.command[0]}: {cause}"
+        with contextlib.suppress(OSError):
+            os.write(errw, f"{step}\0{cause}".encode())
+    finally:
+        os._exit(127)
+    sys.exit(127)  # unreachable; keeps type checkers happy about NoReturn

@@ -1,0 +1,541 @@
+"""JobRuntime: the parent (agent) side of the launch pipeline, and the job lifecycle.
+
+    rt = JobRuntime(settings)        # starts the zygote (fork+exec of `python -S`, see zygote.py)
+    pid = rt.start(LaunchRequest(job_id, command, netns_path, spec))
+    rt.stop(job_id, grace_s=10.0)    # SIGTERM now, SIGKILL of the whole cgroup after the grace (done by poll())
+    rt.poll() -> list[JobExit]       # call periodically (e.g. every 100-200 ms); also enforces stop deadlines
+    rt.recover() -> list[JobExit]    # after an agent restart: adopt running jobs, report the ones that died
+    rt.cleanup(job_id)               # idempotent: cgroup, scratch, state gone
+    rt.close()                       # the zygote leaves once its job inits are gone; jobs keep running
+
+A launch is a `LaunchPlan` (data, built and validated first) executed as ordered host-side steps, each with
+its undo; the in-namespace steps run in the job's init (launcher.py) behind the barrier. Any failure rolls back
+every step done and raises `SetupFailed(step, cause)`. The zygote is started with fork+exec, so the runtime can
+be constructed at any time, even after threads or gRPC channels exist; it only needs its own process to stay
+the zygote's parent (do not construct it in a process that then forks without exec).
+
+Thread safety: every public method may be called from any thread; launches run concurrently.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import logging
+import os
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from . import linux, protocol
+from .plan import LaunchPlan, build_plan
+from .spec import (
+    JobExit,
+    LaunchRequest,
+    RuntimeSettings,
+    SetupFailed,
+    SpecError,
+    UnknownJob,
+    ZygoteError,
+)
+from .state import InitIdentity, JobState, list_job_ids
+
+log = logging.getLogger(__name__)
+
+NS_GET_NSTYPE = 0xB703
+_PKG_PARENT = str(Path(__file__).resolve().parents[2])
+_BOOT = (
+    "import sys; sys.path.insert(0, {path!r}); "
+    "from nodeagent.isolation.zygote import main; main()"
+)
+
+
+class JobCgroupLike(Protocol):
+    """What the runtime uses of nodeagent.isolation.cgroups.JobCgroup."""
+
+    def attach(self, pid: int, /) -> None: ...
+    def usage(self) -> Any: ...
+    def oom_killed(self) -> bool: ...
+    def kill_all(self) -> None: ...
+    def wait_empty(self, timeout: float, /) -> Any: ...
+    def destroy(self) -> None: ...
+
+
+class CgroupManagerLike(Protocol):
+    """What the runtime uses of nodeagent.isolation.cgroups.CgroupManager."""
+
+    def create(self, job_id: str, limits: Any, /) -> Any: ...
+    def open(self, job_id: str, /) -> Any: ...
+    def list_jobs(self) -> Any: ...
+    def close(self) -> None: ...
+
+
+@dataclass
+class _Job:
+    job_id: str
+    pid: int
+    pidfd: int
+    cgroup: JobCgroupLike | None
+    state: JobState
+    scratch_dir: Path
+    stop_deadline: float | None = None
+    killed: bool = False
+    exited: bool = False
+    started_at: float = field(default_factory=time.monotonic)
+
+
+class _Rollback:
+    """Ordered steps with undo: `do(step, fn, undo)`; on failure, undo everything done in reverse order."""
+
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+        self.undo: list[tuple[str, Callable[[], None]]] = []
+
+    def do(self, step: str, fn: Callable[[], Any], undo: Callable[[], None] | None = None) -> Any:
+        try:
+            result = fn()
+        except SetupFailed:
+            raise
+        except Exception as e:
+            raise SetupFailed(step, _cause(e), self.job_id) from e
+        if undo is not None:
+            self.undo.append((step, undo))
+        return result
+
+    def rollback(self) -> None:
+        for step, fn in reversed(self.undo):
+            try:
+                fn()
+            except Exception:
+                log.exception("job %s: undo of step %s failed", self.job_id, step)
+        self.undo.clear()
+
+
+def _cause(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+    return str(e) or type(e).__name__
+
+
+def _usage_dict(u: Any) -> dict[str, Any]:
+    if u is None:
+        return {}
+    if dataclasses.is_dataclass(u) and not isinstance(u, type):
+        return dataclasses.asdict(u)
+    if isinstance(u, dict):
+        return dict(u)
+    return dict(vars(u))
+
+
+class JobRuntime:
+    def __init__(self, settings: RuntimeSettings, cgroups: CgroupManagerLike | None = None) -> None:
+        self.settings = settings
+        settings.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        settings.scratch_root.mkdir(parents=True, exist_ok=True, mode=0o711)
+        if cgroups is None:
+            from .cgroups import detect
+
+            cgroups = detect(root=settings.cgroup_root, parent=settings.cgroup_parent)
+        self._cg: CgroupManagerLike = cgroups
+        self._lock = threading.Lock()
+        self._zlock = threading.Lock()
+        self._jobs: dict[str, _Job] = {}  # running (started or adopted)
+        self._done: dict[str, _Job] = {}  # exited, not cleaned up yet
+        self._launching: set[str] = set()
+        self._zsock, self._zproc = self._start_zygote()
+
+    # -- zygote ------------------------------------------------------------------------------------------
+
+    def _start_zygote(self) -> tuple[socket.socket, subprocess.Popen[bytes]]:
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        python = self.settings.python or sys.executable
+        try:
+            proc = subprocess.Popen(
+                [python, "-S", "-c", _BOOT.format(path=_PKG_PARENT), str(theirs.fileno())],
+                pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                start_new_session=True, close_fds=True,
+            )
+        except OSError as e:
+            mine.close()
+            raise ZygoteError(f"cannot start the zygote with {python}: {e}") from e
+        finally:
+            theirs.close()
+        mine.settimeout(30.0)
+        try:
+            hello, _ = protocol.recv(mine)
+        except OSError as e:
+            hello = None
+            log.error("zygote handshake failed: %s", e)
+        if not hello or "hello" not in hello:
+            proc.kill()
+            proc.wait()
+            mine.close()
+            raise ZygoteError("the zygote did not start (no hello)")
+        mine.settimeout(None)
+        return mine, proc
+
+    @property
+    def zygote_pid(self) -> int:
+        return self._zproc.pid
+
+    def close(self) -> None:
+        """Stop the zygote (it lingers only to reap the inits of still-running jobs). Jobs keep running."""
+        with self._zlock:
+            self._zsock.close()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._zproc.wait(timeout=0.5)
+        with self._lock:
+            for j in [*self._jobs.values(), *self._done.values()]:
+                with contextlib.suppress(OSError):
+                    os.close(j.pidfd)
+            self._jobs.clear()
+            self._done.clear()
+        with contextlib.suppress(Exception):
+            self._cg.close()
+
+    # -- start -------------------------------------------------------------------------------------------
+
+    def start(self, req: LaunchRequest) -> int:
+        """Launch a job; return its init's pid once the job has passed the barrier and exec'd."""
+        plan = build_plan(self.settings, req)
+        with self._lock:
+            if req.job_id in self._jobs or req.job_id in self._done or req.job_id in self._launching:
+                raise SpecError(f"job {req.job_id} already exists", req.job_id)
+            self._launching.add(req.job_id)
+        rb = _Rollback(req.job_id)
+        try:
+            job = self._launch(plan, rb)
+        except BaseException:
+            rb.rollback()
+            raise
+        finally:
+            with self._lock:
+                self._launching.discard(req.job_id)
+        with self._lock:
+            self._jobs[req.job_id] = job
+        return job.pid
+
+    def _launch(self, plan: LaunchPlan, rb: _Rollback) -> _Job:
+        st = JobState(self.settings.state_dir, plan.job_id)
+        rb.do("state", lambda: st.create({"job_id": plan.job_id, "scratch_dir": str(plan.scratch_dir),
+                                          "netns_path": str(plan.netns_path), "command": list(plan.child.command)}),
+              st.remove)
+        fds: list[int] = []
+
+        def close_fds() -> None:
+            for fd in fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            fds.clear()
+
+        rb.undo.append(("fds", close_fds))
+        rb.do("scratch", lambda: fds.extend(self._make_scratch(plan)),
+              lambda: shutil.rmtree(plan.scratch_dir, ignore_errors=True))
+        if plan.child.rootfs is not None:
+            rb.do("rootfs", lambda: self._check_rootfs(plan))
+        rb.do("netns", lambda: fds.insert(0, _open_netns(plan.netns_path)))
+        fds.append(rb.do("status-file", lambda: os.open(
+            st.status_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)))
+        limits = plan.spec.limits
+        if limits is None:
+            from .cgroups import CgroupLimits
+
+            limits = CgroupLimits()
+        cg: JobCgroupLike = rb.do("cgroup", lambda: self._cg.create(plan.job_id, limits))
+        rb.undo.append(("cgroup", lambda: _destroy_cgroup(cg)))
+
+        # spawn: the zygote forks the job's init into new PID ns; it reports the pid on our ctl socket.
+        ctl, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        rb.undo.append(("ctl", ctl.close))
+        ctl.settimeout(self.settings.setup_timeout_s)
+        try:
+            rb.do("spawn", lambda: self._send_zygote({"plan": plan.child.to_json()}, [theirs.fileno(), *fds]))
+        finally:
+            theirs.close()
+            close_fds()
+        msg = self._expect(ctl, "spawn", "pid", plan)
+        pid = int(msg["pid"])
+        pidfd: int = rb.do("spawn", lambda: os.pidfd_open(pid))
+        rb.undo.append(("spawn", lambda: _kill_and_wait(pidfd)))
+        starttime = linux.proc_starttime(pid)
+        rb.do("spawn", lambda: st.write_init(InitIdentity(pid, starttime or 0)))
+        rb.do("cgroup-attach", lambda: cg.attach(pid))
+        self._expect(ctl, "mount", "ready", plan)
+        rb.do("barrier", lambda: protocol.send(ctl, {"go": True}))
+        self._expect(ctl, "exec", "exec", plan)
+        rb.undo.clear()
+        ctl.close()
+        return _Job(plan.job_id, pid, pidfd, cg, st, plan.scratch_dir)
+
+    def _send_zygote(self, msg: dict[str, Any], fds: list[int]) -> None:
+        with self._zlock:
+            try:
+                protocol.send(self._zsock, msg, fds)
+            except OSError as e:
+                raise ZygoteError(f"the zygote is gone: {_cause(e)}") from e
+
+    def _expect(self, ctl: socket.socket, step: str, key: str, plan: LaunchPlan) -> dict[str, Any]:
+        try:
+            msg, extra = protocol.recv(ctl)
+        except TimeoutError as e:
+            raise SetupFailed(step, f"timed out after {self.settings.setup_timeout_s}s", plan.job_id) from e
+        except OSError as e:
+            raise SetupFailed(step, _cause(e), plan.job_id) from e
+        for fd in extra:
+            os.close(fd)
+        if msg is None:
+            raise SetupFailed(step, "the job's init exited unexpectedly", plan.job_id)
+        if "error" in msg:
+            raise SetupFailed(str(msg["error"]), str(msg.get("cause", "")), plan.job_id)
+        if key not in msg:
+            raise SetupFailed(step, f"protocol error: expected {key}, got {msg}", plan.job_id)
+        return msg
+
+    def _make_scratch(self, plan: LaunchPlan) -> list[int]:
+        """Create scratch_root/<job>/ (owned by the job's uid, 0700) with one dir per MOUNT_UNDER_SCRATCH
+        entry; open stdin (/dev/null), stdout and stderr. Returns [stdin, stdout, stderr]."""
+        uid, gid = plan.child.uid, plan.child.gid
+        plan.scratch_dir.mkdir(mode=0o700)
+        os.chown(plan.scratch_dir, uid, gid)
+        for b in plan.child.binds:
+            os.mkdir(b.source, 0o1777)
+            os.chmod(b.source, 0o1777)
+            os.chown(b.source, uid, gid)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_APPEND
+        out: list[int] = []
+        try:
+            out.append(os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC))
+            out.append(os.open(plan.stdout_path, flags, 0o644))
+            out.append(os.open(plan.stderr_path, flags, 0o644))
+        except OSError:
+            for fd in out:
+                os.close(fd)
+            raise
+        return out
+
+    def _check_rootfs(self, plan: LaunchPlan) -> None:
+        root = Path(plan.child.rootfs or "")
+        if not root.is_dir():
+            raise FileNotFoundError(2, "rootfs is not a directory", str(root))
+        for target in [b.target for b in plan.child.binds] + [plan.child.scratch_in_job, "/proc", "/dev"]:
+            (root / target.lstrip("/")).mkdir(parents=True, exist_ok=True)
+
+    # -- lifecycle ---------------------------------------------------------------------------------------
+
+    def running(self) -> dict[str, int]:
+        with self._lock:
+            return {j.job_id: j.pid for j in self._jobs.values()}
+
+    def stop(self, job_id: str, grace_s: float = 10.0) -> None:
+        """SIGTERM to the job now (its init forwards it to the job's process group); SIGKILL of every process
+        in the job's cgroup once the grace has passed (enforced by poll()). Non-blocking; idempotent."""
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if job is None:
+                if job_id in self._done:
+                    return
+                raise UnknownJob(job_id)
+        deadline = time.time() + max(grace_s, 0.0)
+        job.state.request_stop(deadline)
+        job.stop_deadline = job.state.stop_deadline() or deadline
+        with contextlib.suppress(ProcessLookupError, OSError):
+            signal.pidfd_send_signal(job.pidfd, signal.SIGTERM)
+        if grace_s <= 0:
+            self._kill(job)
+
+    def _kill(self, job: _Job) -> None:
+        job.killed = True
+        if job.cgroup is not None:
+            job.cgroup.kill_all()
+        with contextlib.suppress(ProcessLookupError, OSError):
+            signal.pidfd_send_signal(job.pidfd, signal.SIGKILL)
+
+    def exit_fds(self) -> dict[str, int]:
+        """job_id -> pidfd of its init (readable once the job ended): for an event loop that wants to wake
+        up instead of polling."""
+        with self._lock:
+            return {j.job_id: j.pidfd for j in self._jobs.values()}
+
+    def poll(self) -> list[JobExit]:
+        """Jobs that ended since the last call (each reported once). Also enforces stop deadlines."""
+        with self._lock:
+            jobs = list(self._jobs.values())
+        if not jobs:
+            return []
+        now = time.time()
+        for j in jobs:
+            if j.stop_deadline is not None and now >= j.stop_deadline and not j.killed:
+                self._kill(j)
+        p = select.poll()
+        by_fd = {j.pidfd: j for j in jobs}
+        for fd in by_fd:
+            p.register(fd, select.POLLIN)
+        exits: list[JobExit] = []
+        for fd, _ev in p.poll(0):
+            j = by_fd[fd]
+            exits.append(self._finish(j))
+        return exits
+
+    def _finish(self, j: _Job) -> JobExit:
+        ex = _exit_of(j.job_id, j.state, j.cgroup, j.stop_deadline is not None)
+        with self._lock:
+            self._jobs.pop(j.job_id, None)
+            j.exited = True
+            self._done[j.job_id] = j
+        return ex
+
+    def recover(self) -> list[JobExit]:
+        """Adopt the jobs a previous agent left running (poll/stop track them from now on) and report the ones
+        that died meanwhile (clean them up with cleanup()). Removes cgroups and scratch dirs without a job."""
+        exits: list[JobExit] = []
+        ids = list_job_ids(self.settings.state_dir)
+        for job_id in ids:
+            with self._lock:
+                if job_id in self._jobs or job_id in self._done or job_id in self._launching:
+                    continue
+            st = JobState(self.settings.state_dir, job_id)
+            plan = st.plan() or {}
+            scratch = Path(plan.get("scratch_dir") or self.settings.scratch_root / job_id)
+            cg = self._open_cgroup(job_id)
+            ident = st.init()
+            pidfd = _adopt(ident)
+            if ident is not None and pidfd is not None:
+                job = _Job(job_id, ident.pid, pidfd, cg, st, scratch, stop_deadline=st.stop_deadline())
+                with self._lock:
+                    self._jobs[job_id] = job
+                log.info("job %s: adopted running init %d", job_id, ident.pid)
+                continue
+            if cg is not None:
+                with contextlib.suppress(Exception):
+                    cg.kill_all()
+            ex = _exit_of(job_id, st, cg, st.stop_deadline() is not None)
+            if ident is None and ex.end_reason != "setup-failed":
+                ex = JobExit(job_id, "setup-failed", message="the agent stopped during setup", usage=ex.usage)
+            with self._lock:
+                self._done[job_id] = _Job(job_id, ident.pid if ident else 0, -1, cg, st, scratch, exited=True)
+            exits.append(ex)
+        known = set(ids)
+        try:
+            orphans = [j for j in self._cg.list_jobs() if j not in known]
+        except Exception:
+            log.exception("listing job cgroups failed")
+            orphans = []
+        for job_id in orphans:
+            cg = self._open_cgroup(job_id)
+            if cg is not None:
+                log.warning("job %s: removing a cgroup without a job", job_id)
+                _destroy_cgroup(cg)
+        with contextlib.suppress(FileNotFoundError):
+            for d in self.settings.scratch_root.iterdir():
+                if d.name not in known and d.is_dir():
+                    with self._lock:
+                        busy = d.name in self._launching or d.name in self._jobs
+                    if not busy:
+                        shutil.rmtree(d, ignore_errors=True)
+        return exits
+
+    def _open_cgroup(self, job_id: str) -> JobCgroupLike | None:
+        try:
+            cg: JobCgroupLike = self._cg.open(job_id)
+        except Exception:
+            return None
+        return cg
+
+    def cleanup(self, job_id: str) -> None:
+        """Kill whatever is left of the job, remove its cgroup, scratch dir and state. Idempotent."""
+        with self._lock:
+            job = self._jobs.pop(job_id, None) or self._done.pop(job_id, None)
+        cg = job.cgroup if job is not None and job.cgroup is not None else self._open_cgroup(job_id)
+        if job is not None and job.pidfd >= 0:
+            _kill_and_wait(job.pidfd)
+            os.close(job.pidfd)
+        if cg is not None:
+            _destroy_cgroup(cg)
+        shutil.rmtree(self.settings.scratch_root / job_id, ignore_errors=True)
+        if job is not None and job.scratch_dir != self.settings.scratch_root / job_id:
+            shutil.rmtree(job.scratch_dir, ignore_errors=True)
+        JobState(self.settings.state_dir, job_id).remove()
+
+
+# -- helpers ---------------------------------------------------------------------------------------------
+
+
+def _open_netns(path: Path) -> int:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        kind = fcntl.ioctl(fd, NS_GET_NSTYPE)
+    except OSError as e:
+        os.close(fd)
+        raise OSError(e.errno, "not a namespace file", str(path)) from e
+    if kind != linux.CLONE_NEWNET:
+        os.close(fd)
+        raise OSError(22, "not a network namespace", str(path))
+    return fd
+
+
+def _adopt(ident: InitIdentity | None) -> int | None:
+    """A pidfd for the init if it is still the same live process, else None."""
+    if ident is None or linux.proc_starttime(ident.pid) != ident.starttime:
+        return None
+    try:
+        fd = os.pidfd_open(ident.pid)
+    except ProcessLookupError:
+        return None
+    if linux.proc_starttime(ident.pid) != ident.starttime:  # reused between the check and the open
+        os.close(fd)
+        return None
+    return fd
+
+
+def _kill_and_wait(pidfd: int, timeout: float = 2.0) -> None:
+    with contextlib.suppress(ProcessLookupError, OSError):
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    p = select.poll()
+    p.register(pidfd, select.POLLIN)
+    p.poll(int(timeout * 1000))
+
+
+def _destroy_cgroup(cg: JobCgroupLike) -> None:
+    with contextlib.suppress(Exception):
+        cg.kill_all()
+    with contextlib.suppress(Exception):
+        cg.wait_empty(2.0)
+    cg.destroy()
+
+
+def _exit_of(job_id: str, st: JobState, cg: JobCgroupLike | None, stop_requested: bool) -> JobExit:
+    """The end of a job from its init's status file, the stop request and the cgroup's OOM counter."""
+    status = st.status() or {}
+    usage: dict[str, Any] = {}
+    oom = False
+    if cg is not None:
+        try:
+            usage = _usage_dict(cg.usage())
+            oom = bool(cg.oom_killed())
+        except Exception:
+            log.exception("job %s: reading cgroup usage failed", job_id)
+    reason = str(status.get("end_reason", ""))
+    code = status.get("exit_code")
+    sig = status.get("signal")
+    message = str(status.get("message", ""))
+    if reason in ("setup-failed", "timeout"):
+        pass
+    elif stop_requested:
+        reason = "stopped"
+    elif oom and (not reason or sig == signal.SIGKILL):
+        reason, message = "oom", message or "killed by the kernel: memory limit"
+        sig = sig or signal.SIGKILL
+    elif not reason:
+        reason, sig, message = "signalled", signal.SIGKILL, "the job's init was killed"
+    return JobExit(job_id, reason, exit_code=code if isinstance(code, int) else None,
+                   signal=sig if isinstance(sig, int) else None, message=message, usage=usage)
