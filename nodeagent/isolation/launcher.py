@@ -12,8 +12,10 @@ failure is reported to the agent as {error: <step>, cause} and recorded in the s
   6. mount-proc      a fresh /proc for the job's PID namespace (must be mounted from inside it: we are PID 1)
   7. pivot-root      (rootfs only) pivot_root(".", ".") then umount2(MNT_DETACH) of the old root
   8. barrier         report {ready}; wait for {go}: the agent has attached us to the cgroup meanwhile
-  9. spawn           fork the job; in it: setsid, stdio, drop-privileges (bounding set, ambient, groups,
-                     gid, uid, capset 0, no_new_privs), close-fds, chdir, exec
+  9. drop-privileges the init itself drops to the job's identity: bounding set, ambient, groups, gid, uid,
+                     capset 0, no_new_privs, not dumpable (so the job cannot ptrace or forge its init)
+ 10. chdir, exec     posix_spawn (vfork+exec) the job in its own session, stdio on the scratch files, every
+                     other fd close-on-exec
 Then init reaps every zombie, forwards SIGTERM/SIGINT/SIGHUP/SIGQUIT/SIGUSR1/SIGUSR2 to the job's process
 group, enforces the wall time (SIGKILL of every process in the namespace) and, when the job's main process
 ends, writes the status file and exits, which makes the kernel kill whatever is left in the namespace.
@@ -22,11 +24,12 @@ ends, writes the status file and exits, which makes the kernel kill whatever is 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import shutil
 import signal
 import socket
-import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
 
@@ -91,6 +94,8 @@ def _init(plan: ChildPlan, fds: JobFds, last_cap: int) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD, signal.SIGPIPE):
         signal.signal(sig, signal.SIG_DFL)
     linux.close_fds_except(fds.all())
+    for fd in fds.all():
+        os.set_inheritable(fd, False)  # fds passed by SCM_RIGHTS arrive without close-on-exec
     ctl = socket.socket(fileno=fds.ctl)
     try:
         _setup_namespaces(plan, fds)
@@ -123,23 +128,14 @@ def _init(plan: ChildPlan, fds: JobFds, last_cap: int) -> int:
         signal.signal(sig, forward)
     signal.signal(signal.SIGALRM, on_timeout)
 
-    errr, errw = os.pipe2(os.O_CLOEXEC)
-    pid = os.fork()
-    if pid == 0:
-        _exec_job(plan, fds, errw, last_cap)
-    state["main"] = pid
-    os.close(errw)
-    err = b""
-    while chunk := os.read(errr, 4096):
-        err += chunk
-    os.close(errr)
-    if err:
-        step, _, cause = err.decode(errors="replace").partition("\0")
-        os.waitpid(pid, 0)
-        write_status(fds.status, end_reason="setup-failed", message=f"{step}: {cause}")
+    try:
+        pid = _spawn_job(plan, fds, last_cap)
+    except StepError as e:
+        write_status(fds.status, end_reason="setup-failed", message=f"{e.step}: {e.cause}")
         with contextlib.suppress(OSError):
-            protocol.send(ctl, {"error": step, "cause": cause})
+            protocol.send(ctl, {"error": e.step, "cause": e.cause})
         return 1
+    state["main"] = pid
     if plan.wall_time_s:
         signal.setitimer(signal.ITIMER_REAL, plan.wall_time_s)
     with contextlib.suppress(OSError):
@@ -253,36 +249,55 @@ def _pivot_root(root: str) -> None:
 # -- the job process -------------------------------------------------------------------------------------
 
 
-def _exec_job(plan: ChildPlan, fds: JobFds, errw: int, last_cap: int) -> NoReturn:
-    step = "spawn"
+def _drop_privileges(plan: ChildPlan, last_cap: int) -> None:
+    """Make this process (the init, after the barrier) what the job will be: no capability in any set, the
+    job's uid/gid and no supplementary groups, no_new_privs, not dumpable (the job cannot ptrace its init)."""
+    linux.drop_bounding_set(last_cap)
+    linux.prctl(linux.PR_CAP_AMBIENT, linux.PR_CAP_AMBIENT_CLEAR_ALL, what="PR_CAP_AMBIENT_CLEAR_ALL")
+    os.setgroups([])
+    os.setresgid(plan.gid, plan.gid, plan.gid)
+    os.setresuid(plan.uid, plan.uid, plan.uid)
+    linux.capset_zero()
+    linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1, what="PR_SET_NO_NEW_PRIVS")
+    linux.prctl(linux.PR_SET_DUMPABLE, 0, what="PR_SET_DUMPABLE")
+
+
+def _resolve(plan: ChildPlan) -> str:
+    cmd = plan.command[0]
+    if "/" in cmd:
+        return cmd
+    found = shutil.which(cmd, path=plan.env.get("PATH", ""))
+    if found is None:
+        raise OSError(errno.ENOENT, f"{cmd}: command not found in PATH")
+    return found
+
+
+def _spawn_job(plan: ChildPlan, fds: JobFds, last_cap: int) -> int:
+    """Drop the init's privileges, then posix_spawn (vfork+exec: no Python runs in the child) the job in its own
+    session with stdio on the scratch files. Every other fd of the init is close-on-exec. Returns its pid
+    once it has exec'd."""
+    _step("drop-privileges", lambda: _drop_privileges(plan, last_cap))
+    _step("chdir", lambda: os.chdir(plan.cwd))
+    path = ""
+
+    def resolve() -> None:
+        nonlocal path
+        path = _resolve(plan)
+
+    _step("exec", resolve)
+    pid = 0
+
+    def spawn() -> None:
+        nonlocal pid
+        pid = os.posix_spawn(
+            path, list(plan.command), plan.env, setsid=True,
+            setsigdef=(*FORWARDED, signal.SIGALRM, signal.SIGPIPE, signal.SIGXFSZ, signal.SIGCHLD),
+            file_actions=[(os.POSIX_SPAWN_DUP2, fds.stdin, 0), (os.POSIX_SPAWN_DUP2, fds.stdout, 1),
+                          (os.POSIX_SPAWN_DUP2, fds.stderr, 2)],
+        )
+
     try:
-        os.setsid()
-        for sig in (*FORWARDED, signal.SIGALRM, signal.SIGPIPE, signal.SIGXFSZ, signal.SIGCHLD):
-            signal.signal(sig, signal.SIG_DFL)
-        step = "stdio"
-        os.dup2(fds.stdin, 0)
-        os.dup2(fds.stdout, 1)
-        os.dup2(fds.stderr, 2)
-        step = "drop-privileges"
-        linux.drop_bounding_set(last_cap)
-        linux.prctl(linux.PR_CAP_AMBIENT, linux.PR_CAP_AMBIENT_CLEAR_ALL, what="PR_CAP_AMBIENT_CLEAR_ALL")
-        os.setgroups([])
-        os.setresgid(plan.gid, plan.gid, plan.gid)
-        os.setresuid(plan.uid, plan.uid, plan.uid)
-        linux.capset_zero()
-        linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1, what="PR_SET_NO_NEW_PRIVS")
-        step = "close-fds"
-        linux.close_fds_except({errw})
-        step = "chdir"
-        os.chdir(plan.cwd)
-        step = "exec"
-        os.execvpe(plan.command[0], list(plan.command), plan.env)
-    except BaseException as e:  # report any failure through the pipe, then die
-        cause = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-        if step == "exec":
-            cause = f"{plan.command[0]}: {cause}"
-        with contextlib.suppress(OSError):
-            os.write(errw, f"{step}\0{cause}".encode())
-    finally:
-        os._exit(127)
-    sys.exit(127)  # unreachable; keeps type checkers happy about NoReturn
+        spawn()
+    except OSError as e:
+        raise StepError("exec", f"{plan.command[0]}: {e.strerror or e}") from e
+    return pid

@@ -263,16 +263,17 @@ class JobRuntime:
         finally:
             theirs.close()
             close_fds()
-        msg = self._expect(ctl, "spawn", "pid", plan)
+        stash: list[dict[str, Any]] = []
+        msg = self._expect(ctl, "spawn", "pid", plan, stash)
         pid = int(msg["pid"])
         pidfd: int = rb.do("spawn", lambda: os.pidfd_open(pid))
         rb.undo.append(("spawn", lambda: _kill_and_wait(pidfd)))
         starttime = linux.proc_starttime(pid)
         rb.do("spawn", lambda: st.write_init(InitIdentity(pid, starttime or 0)))
         rb.do("cgroup-attach", lambda: cg.attach(pid))
-        self._expect(ctl, "mount", "ready", plan)
+        self._expect(ctl, "mount", "ready", plan, stash)
         rb.do("barrier", lambda: protocol.send(ctl, {"go": True}))
-        self._expect(ctl, "exec", "exec", plan)
+        self._expect(ctl, "exec", "exec", plan, stash)
         rb.undo.clear()
         ctl.close()
         return _Job(plan.job_id, pid, pidfd, cg, st, plan.scratch_dir)
@@ -284,22 +285,27 @@ class JobRuntime:
             except OSError as e:
                 raise ZygoteError(f"the zygote is gone: {_cause(e)}") from e
 
-    def _expect(self, ctl: socket.socket, step: str, key: str, plan: LaunchPlan) -> dict[str, Any]:
-        try:
-            msg, extra = protocol.recv(ctl)
-        except TimeoutError as e:
-            raise SetupFailed(step, f"timed out after {self.settings.setup_timeout_s}s", plan.job_id) from e
-        except OSError as e:
-            raise SetupFailed(step, _cause(e), plan.job_id) from e
-        for fd in extra:
-            os.close(fd)
-        if msg is None:
-            raise SetupFailed(step, "the job's init exited unexpectedly", plan.job_id)
-        if "error" in msg:
-            raise SetupFailed(str(msg["error"]), str(msg.get("cause", "")), plan.job_id)
-        if key not in msg:
-            raise SetupFailed(step, f"protocol error: expected {key}, got {msg}", plan.job_id)
-        return msg
+    def _expect(self, ctl: socket.socket, step: str, key: str, plan: LaunchPlan,
+                stash: list[dict[str, Any]]) -> dict[str, Any]:
+        """The next message carrying `key`. The zygote's {pid} and the init's {ready} come from two processes
+        and may arrive in either order: messages that are not yet wanted wait in `stash`."""
+        while True:
+            for i, m in enumerate(stash):
+                if key in m:
+                    return stash.pop(i)
+            try:
+                msg, extra = protocol.recv(ctl)
+            except TimeoutError as e:
+                raise SetupFailed(step, f"timed out after {self.settings.setup_timeout_s}s", plan.job_id) from e
+            except OSError as e:
+                raise SetupFailed(step, _cause(e), plan.job_id) from e
+            for fd in extra:
+                os.close(fd)
+            if msg is None:
+                raise SetupFailed(step, "the job's init exited unexpectedly", plan.job_id)
+            if "error" in msg:
+                raise SetupFailed(str(msg["error"]), str(msg.get("cause", "")), plan.job_id)
+            stash.append(msg)
 
     def _make_scratch(self, plan: LaunchPlan) -> list[int]:
         """Create scratch_root/<job>/ (owned by the job's uid, 0700) with one dir per MOUNT_UNDER_SCRATCH

@@ -49,6 +49,8 @@ def serve(sock: socket.socket) -> None:
             break
         try:
             _spawn(msg, fds, own_pidns, last_cap, sock)
+        except Exception as e:  # never let one bad request take the fork server down
+            print(f"zygote: spawn failed: {e!r}", file=sys.stderr)
         finally:
             for fd in fds:
                 with contextlib.suppress(OSError):
@@ -78,13 +80,15 @@ def _spawn(msg: dict[str, object], fds: list[int], own_pidns: int, last_cap: int
                 if os.getpid() != 1:
                     linux.setns(own_pidns, linux.CLONE_NEWPID, "own pid namespace")
         except Exception as e:  # report to the waiting agent rather than die
-            protocol.send(ctl, {"error": "spawn", "cause": str(e)})
+            with contextlib.suppress(OSError):
+                protocol.send(ctl, {"error": "spawn", "cause": str(e)})
             return
         if pid == 0:
             ctl.detach()
             sock.detach()
             launcher.run_init(plan, job_fds, last_cap)
-        protocol.send(ctl, {"pid": pid})
+        with contextlib.suppress(OSError):  # the agent may have given up on this launch already
+            protocol.send(ctl, {"pid": pid})
     finally:
         with contextlib.suppress(OSError):
             ctl.close()
