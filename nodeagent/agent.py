@@ -22,7 +22,7 @@ import logging
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -64,6 +64,10 @@ class JobExitLike:
     exit_code: int
     signal: int
     message: str
+    usage: dict[str, Any] = field(default_factory=dict)
+
+
+USAGE_FIELDS = ("cpu_seconds", "memory_peak_bytes", "io_read_bytes", "io_write_bytes", "pids_peak", "oom_kills")
 
 
 class RuntimeLike(Protocol):
@@ -128,7 +132,8 @@ class Agent:
         self._stub = pbg.ControllerStub(self._channel)
         server = grpc.aio.server()
         pbg.add_NodeAgentServicer_to_server(
-            NodeAgentService(self.s.scratch_root, lambda job_id: job_id in self.finished), server)
+            NodeAgentService([self.s.scratch_root, self.s.state_dir / "logs"], lambda job_id: job_id in self.finished),
+            server)
         server.add_insecure_port(self.s.agent_address)
         await server.start()
         tasks = [
@@ -263,6 +268,7 @@ class Agent:
                 signal=item.get("signal", 0),
                 message=item.get("message", ""),
                 pid=item.get("pid", 0),
+                usage=pb.Usage(**item.get("usage", {})),
             )
             try:
                 await self._stub.ReportJobStatus(req, timeout=5)
@@ -375,6 +381,7 @@ class Agent:
             "exit_code": ex.exit_code,
             "signal": ex.signal,
             "message": ex.message,
+            "usage": {k: ex.usage[k] for k in USAGE_FIELDS if ex.usage.get(k) is not None},
         })
         if self._loop is not None:  # called from the kernel thread: wake the loop thread-safely
             self._loop.call_soon_threadsafe(self._outbox_kick.set)

@@ -72,6 +72,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--agent-port", type=int, default=7401,
                    help="port on the underlay address where the agent serves job logs to the controller "
                    "(default: %(default)s)")
+    p.add_argument("--site-config", type=Path, help="TOML file with the site's isolation [defaults] and "
+                   "[max] (see nodeagent/site.py); default: no limits beyond the job's own requests")
     p.add_argument("--allow-root-jobs", action="store_true", help="let jobs ask to run as root")
     p.add_argument("--stop-jobs-on-exit", action="store_true",
                    help="on SIGTERM, stop every job and remove the node's network objects")
@@ -131,8 +133,13 @@ def main(argv: list[str] | None = None) -> int:
     from nodeagent.agent import Agent
     from nodeagent.kernel.reconciler import NetSettings, NetworkReconciler
     from nodeagent.runtime import SetupFailed, make_runtime
+    from nodeagent.site import SiteConfigError
 
-    runtime = make_runtime(settings)  # may fork its helper: before threads and channels
+    try:
+        runtime = make_runtime(settings, args.site_config)  # starts its helper: before threads and channels
+    except SiteConfigError as e:
+        log.error("%s", e)
+        return 2
     network = NetworkReconciler(NetSettings(
         netns_dir=settings.netns_dir,
         underlay_ifname=settings.underlay_ifname,
