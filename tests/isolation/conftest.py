@@ -1,0 +1,166 @@
+"""Fixtures for the job runtime tests: a throwaway network namespace (lo up only), a cgroup manager under a
+`jn-iso-*` parent, a JobRuntime whose state and scratch live under /var/lib/jn-iso-* (not under /tmp: /tmp is
+mounted under scratch inside jobs), and a minimal busybox rootfs. Everything is removed in finalizers."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nodeagent.isolation import IsolationSpec, JobExit, JobRuntime, LaunchRequest, RuntimeSettings
+
+try:
+    from nodeagent.isolation import cgroups as _cg
+
+    HAVE_CGROUPS = hasattr(_cg, "detect")
+except ImportError:
+    HAVE_CGROUPS = False
+
+BUSYBOX = "/usr/bin/busybox"
+PYTHON = "/usr/bin/python3"
+PROBE = str(Path(__file__).with_name("probe.py"))
+BUSYBOX_APPLETS = ("sh", "ls", "cat", "echo", "id", "ip", "mount", "touch", "sleep", "readlink", "test", "kill")
+
+
+def rand(n: int = 6) -> str:
+    return uuid.uuid4().hex[:n]
+
+
+def make_cgroups(parent: str) -> Any:
+    if HAVE_CGROUPS:
+        return _cg.detect(parent=parent)
+    from tests.isolation._fakecg import FakeCgroupManager
+
+    return FakeCgroupManager(parent)
+
+
+def limits(**kw: Any) -> Any:
+    """CgroupLimits with the given fields (the class of whichever cgroup backend is in use)."""
+    if HAVE_CGROUPS:
+        return _cg.CgroupLimits(**kw)
+    from tests.isolation._fakecg import CgroupLimits
+
+    return CgroupLimits(**kw)
+
+
+def default_limits() -> Any:
+    return limits()
+
+
+@pytest.fixture
+def netns() -> Iterator[Path]:
+    name = f"jn-iso-{rand()}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+        yield Path("/run/netns") / name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    d = Path("/var/lib") / f"jn-iso-{rand()}"
+    d.mkdir(mode=0o755)
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def make_settings(workdir: Path, parent: str, **kw: Any) -> RuntimeSettings:
+    return RuntimeSettings(state_dir=workdir / "state", scratch_root=workdir / "scratch", cgroup_parent=parent,
+                           defaults=IsolationSpec(limits=default_limits()), **kw)
+
+
+@pytest.fixture
+def parent() -> str:
+    return f"jn-iso-{rand()}"
+
+
+@pytest.fixture
+def runtime(workdir: Path, parent: str) -> Iterator[JobRuntime]:
+    mgr = make_cgroups(parent)
+    rt = JobRuntime(make_settings(workdir, parent), cgroups=mgr)
+    zygote = rt.zygote_pid
+    try:
+        yield rt
+    finally:
+        for job_id in [*rt.running(), *os.listdir(workdir / "state")]:
+            rt.cleanup(job_id)
+        rt.close()
+        assert _gone(zygote), "the zygote outlived close() with no job left"
+        mgr.close()
+
+
+def _gone(pid: int, timeout: float = 3.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+                    return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+@pytest.fixture
+def rootfs(tmp_path: Path) -> Path:
+    root = tmp_path / "rootfs"
+    (root / "bin").mkdir(parents=True)
+    shutil.copy2(BUSYBOX, root / "bin" / "busybox")
+    for applet in BUSYBOX_APPLETS:
+        (root / "bin" / applet).symlink_to("busybox")
+    for d in ("tmp", "var/tmp", "proc", "dev", "scratch", "etc"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    root.chmod(0o755)
+    tmp_path.chmod(0o755)
+    return root
+
+
+def wait_exit(rt: JobRuntime, job_id: str, timeout: float = 10.0) -> JobExit:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        for ex in rt.poll():
+            if ex.job_id == job_id:
+                return ex
+        time.sleep(0.01)
+    raise AssertionError(f"job {job_id} did not end within {timeout}s")
+
+
+def run(rt: JobRuntime, netns: Path, command: tuple[str, ...], timeout: float = 10.0,
+        **spec: Any) -> tuple[JobExit, str, str]:
+    job_id = f"t{rand(8)}"
+    rt.start(LaunchRequest(job_id, command, netns, IsolationSpec(**spec)))
+    ex = wait_exit(rt, job_id, timeout)
+    scratch = rt.settings.scratch_root / job_id
+    return ex, (scratch / "stdout").read_text(), (scratch / "stderr").read_text()
+
+
+def cgroup_procs_of(parent: str) -> list[str]:
+    """Every process whose cgroup path (any hierarchy) lies under `parent`."""
+    found = []
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            if f"/{parent}/" in (p / "cgroup").read_text():
+                found.append(p.name)
+        except OSError:
+            continue
+    return found
+
+
+def asdict(x: Any) -> dict[str, Any]:
+    return dataclasses.asdict(x)
