@@ -30,6 +30,7 @@ import os
 import shutil
 import signal
 import socket
+import time
 from collections.abc import Callable
 from typing import Any, NoReturn
 
@@ -112,7 +113,7 @@ def _init(plan: ChildPlan, fds: JobFds, last_cap: int) -> int:
         write_status(fds.status, end_reason="setup-failed", message="barrier: the agent went away before go")
         return 1
 
-    state: dict[str, Any] = {"main": 0, "timed_out": False}
+    state: dict[str, Any] = {"main": 0, "timed_out": False, "deadline": float("inf")}
 
     def forward(sig: int, _frame: object) -> None:
         if state["main"]:
@@ -120,6 +121,9 @@ def _init(plan: ChildPlan, fds: JobFds, last_cap: int) -> int:
                 os.kill(-state["main"], sig)
 
     def on_timeout(_sig: int, _frame: object) -> None:
+        # the job runs as our uid and could send us SIGALRM itself: only the real deadline counts
+        if not plan.wall_time_s or time.monotonic() < state["deadline"]:
+            return
         state["timed_out"] = True
         with contextlib.suppress(ProcessLookupError):
             os.kill(-1, signal.SIGKILL)  # from PID 1: every process of the namespace but us
@@ -137,6 +141,7 @@ def _init(plan: ChildPlan, fds: JobFds, last_cap: int) -> int:
         return 1
     state["main"] = pid
     if plan.wall_time_s:
+        state["deadline"] = time.monotonic() + plan.wall_time_s - 0.001
         signal.setitimer(signal.ITIMER_REAL, plan.wall_time_s)
     with contextlib.suppress(OSError):
         protocol.send(ctl, {"exec": "ok"})
@@ -158,8 +163,9 @@ def _init(plan: ChildPlan, fds: JobFds, last_cap: int) -> int:
         write_status(fds.status, end_reason="timeout", signal=signal.SIGKILL,
                      message=f"wall time {plan.wall_time_s}s exceeded")
     elif os.WIFSIGNALED(status):
-        sig = os.WTERMSIG(status)
-        write_status(fds.status, end_reason="signalled", signal=sig, message=f"killed by {signal.Signals(sig).name}")
+        termsig = os.WTERMSIG(status)
+        write_status(fds.status, end_reason="signalled", signal=termsig,
+                     message=f"killed by {signal.Signals(termsig).name}")
     else:
         write_status(fds.status, end_reason="exited", exit_code=os.WEXITSTATUS(status))
     return 0
