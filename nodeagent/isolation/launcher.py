@@ -47,7 +47,11 @@ class StepError(Exception):
         super().__init__(f"{step}: {cause}")
 
 
+TIMINGS: dict[str, float] = {}  # step -> ms, reported with {ready} (debug aid; one launch per process)
+
+
 def _step(name: str, fn: Callable[[], None]) -> None:
+    t0 = time.perf_counter()
     try:
         fn()
     except StepError:
@@ -55,6 +59,7 @@ def _step(name: str, fn: Callable[[], None]) -> None:
     except Exception as e:  # any failure of a kernel step becomes a named step error
         cause = e.strerror if isinstance(e, OSError) and e.strerror else str(e) or type(e).__name__
         raise StepError(name, cause) from e
+    TIMINGS[name] = round((time.perf_counter() - t0) * 1000, 3)
 
 
 class JobFds:
@@ -107,7 +112,7 @@ def _init(plan: ChildPlan, fds: JobFds, last_cap: int) -> int:
         return 1
 
     # -- barrier: nothing of the job runs before the agent says go ---------------------------------------
-    protocol.send(ctl, {"ready": True})
+    protocol.send(ctl, {"ready": True, "ms": TIMINGS})
     msg, _ = protocol.recv(ctl)
     if not msg or not msg.get("go"):
         write_status(fds.status, end_reason="setup-failed", message="barrier: the agent went away before go")

@@ -2,8 +2,10 @@
 has threads or gRPC channels), so the zygote is a single-threaded process that has imported only the stdlib
 and this package's child side: forking it per job costs well under a millisecond and the child may run Python.
 
-Per spawn request it does unshare(CLONE_NEWPID); fork(); setns(back to its own PID namespace): the child is
-PID 1 of a new PID namespace and runs `launcher.run_init`. The zygote reaps its children (the job inits).
+It keeps one spare child forked ahead of time with unshare(CLONE_NEWPID); fork(); setns(back to its own PID
+namespace): the spare is PID 1 of a new PID namespace and waits for a launch; per spawn request the zygote hands
+the plan and fds to the spare, which runs `launcher.run_init`, and forks the next spare after replying.
+The zygote reaps its children (the job inits).
 When the agent goes away (EOF on the control socket) the zygote stays alive only as long as it still has job
 inits to reap, then exits: jobs keep running across an agent restart.
 """
@@ -31,13 +33,60 @@ def _reap() -> int:
             return 1
 
 
+class _Spare:
+    """A child forked ahead of time, already PID 1 of a fresh PID namespace, blocked until it gets a launch:
+    the fork (the slowest part of a spawn, ~1.5 ms for a Python process) happens off the critical path."""
+
+    def __init__(self, pid: int, sock: socket.socket) -> None:
+        self.pid = pid
+        self.sock = sock
+
+
+def _fork_pidns(own_pidns: int) -> int:
+    """fork() into a new PID namespace (the child is its PID 1); the zygote stays in its own."""
+    linux.unshare(linux.CLONE_NEWPID)
+    try:
+        return os.fork()
+    finally:
+        if os.getpid() != 1:
+            linux.setns(own_pidns, linux.CLONE_NEWPID, "own pid namespace")
+
+
+def _make_spare(own_pidns: int, last_cap: int, agent: socket.socket) -> _Spare | None:
+    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        pid = _fork_pidns(own_pidns)
+    except OSError as e:
+        print(f"zygote: cannot fork a spare: {e}", file=sys.stderr)
+        mine.close()
+        theirs.close()
+        return None
+    if pid == 0:
+        try:
+            agent.close()
+            mine.close()
+            msg, fds = protocol.recv(theirs)
+            if msg is None:
+                os._exit(0)
+            plan = ChildPlan.from_json(str(msg["plan"]))
+            job_fds = launcher.JobFds(fds)
+        except BaseException:
+            os._exit(1)
+        launcher.run_init(plan, job_fds, last_cap)
+    theirs.close()
+    return _Spare(pid, mine)
+
+
 def serve(sock: socket.socket) -> None:
     own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
     with open("/proc/sys/kernel/cap_last_cap") as f:
         last_cap = int(f.read())
+    spare = _make_spare(own_pidns, last_cap, sock)
     protocol.send(sock, {"hello": os.getpid()})
     sock.settimeout(1.0)
     while True:
+        if spare is None:
+            spare = _make_spare(own_pidns, last_cap, sock)
         try:
             msg, fds = protocol.recv(sock)
         except TimeoutError:
@@ -48,7 +97,7 @@ def serve(sock: socket.socket) -> None:
         if msg is None:
             break
         try:
-            _spawn(msg, fds, own_pidns, last_cap, sock)
+            spare = _spawn(msg, fds, own_pidns, last_cap, sock, spare)
         except Exception as e:  # never let one bad request take the fork server down
             print(f"zygote: spawn failed: {e!r}", file=sys.stderr)
         finally:
@@ -58,6 +107,8 @@ def serve(sock: socket.socket) -> None:
         _reap()
     # The agent is gone: linger as the reaper of our job inits, then leave.
     sock.close()
+    if spare is not None:
+        spare.sock.close()  # the spare sees EOF and exits
     while True:
         try:
             os.wait()
@@ -65,33 +116,41 @@ def serve(sock: socket.socket) -> None:
             return
 
 
-def _spawn(msg: dict[str, object], fds: list[int], own_pidns: int, last_cap: int, sock: socket.socket) -> None:
+def _spawn(msg: dict[str, object], fds: list[int], own_pidns: int, last_cap: int, sock: socket.socket,
+           spare: _Spare | None) -> _Spare | None:
+    """Hand the launch to the spare (or fork one now); report the init's pid. Returns the spare left."""
     if not fds:
-        return
+        return spare
     ctl = socket.socket(fileno=os.dup(fds[0]))
     try:
-        try:
-            plan = ChildPlan.from_json(str(msg["plan"]))
-            job_fds = launcher.JobFds(fds)
-            linux.unshare(linux.CLONE_NEWPID)
+        pid = 0
+        if spare is not None:
             try:
-                pid = os.fork()
-            finally:
-                if os.getpid() != 1:
-                    linux.setns(own_pidns, linux.CLONE_NEWPID, "own pid namespace")
-        except Exception as e:  # report to the waiting agent rather than die
-            with contextlib.suppress(OSError):
-                protocol.send(ctl, {"error": "spawn", "cause": str(e)})
-            return
+                protocol.send(spare.sock, {"plan": msg["plan"]}, fds)
+                pid = spare.pid
+            except OSError:
+                pid = 0
+            spare.sock.close()
+            spare = None
         if pid == 0:
-            ctl.detach()
-            sock.detach()
-            launcher.run_init(plan, job_fds, last_cap)
+            try:
+                plan = ChildPlan.from_json(str(msg["plan"]))
+                job_fds = launcher.JobFds(fds)
+                pid = _fork_pidns(own_pidns)
+            except Exception as e:  # report to the waiting agent rather than die
+                with contextlib.suppress(OSError):
+                    protocol.send(ctl, {"error": "spawn", "cause": str(e)})
+                return spare
+            if pid == 0:
+                ctl.detach()
+                sock.detach()
+                launcher.run_init(plan, job_fds, last_cap)
         with contextlib.suppress(OSError):  # the agent may have given up on this launch already
             protocol.send(ctl, {"pid": pid})
     finally:
         with contextlib.suppress(OSError):
             ctl.close()
+    return spare
 
 
 def main() -> None:
