@@ -8,7 +8,10 @@ failure is reported to the agent as {error: <step>, cause} and recorded in the s
                      nothing propagates back to the host and the job cannot write outside its scratch
   3. mount-rootfs    bind the rootfs onto itself read-only (pivot_root needs a mount point)
   4. mount-scratch   bind scratch/<name> onto /tmp, /var/tmp, ... (MOUNT_UNDER_SCRATCH) and the scratch dir
+     mount-hide      (no rootfs) scratch_root and the state dir covered by an empty read-only tmpfs: the job
+                     sees its own scratch dir and nothing of other jobs'
   5. mount-dev       (rootfs only) a tmpfs /dev with null, zero, full, random, urandom, tty bound from the host
+     mount-shm       a private tmpfs /dev/shm (charged to the job's memory cgroup)
   6. mount-proc      a fresh /proc for the job's PID namespace (must be mounted from inside it: we are PID 1)
   7. pivot-root      (rootfs only) pivot_root(".", ".") then umount2(MNT_DETACH) of the old root
   8. barrier         report {ready}; wait for {go}: the agent has attached us to the cgroup meanwhile
@@ -188,9 +191,21 @@ def _setup_namespaces(plan: ChildPlan, fds: JobFds) -> None:
         _step("mount-private", lambda: linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE))
         root = plan.rootfs.rstrip("/")
         _step("mount-rootfs", lambda: _bind_rootfs(root))
-    _step("mount-scratch", lambda: _bind_scratch(plan, root))
+    sources: list[int] = []
+    try:
+        # open every bind source first: hiding scratch_root or binding /tmp may cover the host paths
+        _step("mount-scratch", lambda: sources.extend(_open_sources(plan)))
+        if not root:
+            _step("mount-hide", lambda: _hide(plan))
+        _step("mount-scratch", lambda: _bind_scratch(plan, root, sources))
+    finally:
+        for fd in sources:
+            os.close(fd)
     if root:
         _step("mount-dev", lambda: _mount_dev(root))
+    _step("mount-shm", lambda: linux.mount("tmpfs", _mountpoint(root, "/dev/shm"), "tmpfs",
+                                           linux.MS_NOSUID | linux.MS_NODEV,
+                                           f"mode=1777,size={plan.dev_shm_size}"))
     _step("mount-proc", lambda: _mount_proc(root))
     if root:
         _step("pivot-root", lambda: _pivot_root(root))
@@ -210,25 +225,40 @@ def _mountpoint(root: str, target: str) -> str:
 
 
 def _bind_rw(source: str, target: str) -> None:
-    # bind through an O_PATH fd opened before any bind: a source below an earlier target stays reachable
-    fd = os.open(source, os.O_PATH | os.O_CLOEXEC | os.O_DIRECTORY)
-    try:
-        linux.mount(f"/proc/self/fd/{fd}", target, None, linux.MS_BIND)
-    finally:
-        os.close(fd)
+    linux.mount(source, target, None, linux.MS_BIND)
     linux.mount_setattr(target, recursive=False, attr_clr=linux.MOUNT_ATTR_RDONLY,
                         attr_set=linux.MOUNT_ATTR_NOSUID | linux.MOUNT_ATTR_NODEV)
 
 
-def _bind_scratch(plan: ChildPlan, root: str) -> None:
-    pairs = [(plan.scratch_dir, plan.scratch_in_job)] + [(b.source, b.target) for b in plan.binds]
-    sources = [os.open(src, os.O_PATH | os.O_CLOEXEC | os.O_DIRECTORY) for src, _ in pairs]
+def _bind_pairs(plan: ChildPlan) -> list[tuple[str, str]]:
+    return [(plan.scratch_dir, plan.scratch_in_job)] + [(b.source, b.target) for b in plan.binds]
+
+
+def _open_sources(plan: ChildPlan) -> list[int]:
+    fds: list[int] = []
     try:
-        for fd, (_, target) in zip(sources, pairs, strict=True):
-            _bind_rw(f"/proc/self/fd/{fd}", _mountpoint(root, target))
-    finally:
-        for fd in sources:
+        for src, _ in _bind_pairs(plan):
+            fds.append(os.open(src, os.O_PATH | os.O_CLOEXEC | os.O_DIRECTORY))
+    except OSError:
+        for fd in fds:
             os.close(fd)
+        raise
+    return fds
+
+
+def _hide(plan: ChildPlan) -> None:
+    """Cover scratch_root, the state dir (and the site's hidden paths) with an empty read-only tmpfs; only the
+    job's own scratch dir gets a mount point in it."""
+    for path in plan.hide:
+        linux.mount("tmpfs", path, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC, "mode=755,size=16k")
+        if plan.scratch_in_job.startswith(path.rstrip("/") + "/"):
+            os.makedirs(plan.scratch_in_job, mode=0o755, exist_ok=True)
+        linux.mount_setattr(path, recursive=False, attr_set=linux.MOUNT_ATTR_RDONLY)
+
+
+def _bind_scratch(plan: ChildPlan, root: str, sources: list[int]) -> None:
+    for fd, (_, target) in zip(sources, _bind_pairs(plan), strict=True):
+        _bind_rw(f"/proc/self/fd/{fd}", _mountpoint(root, target))
 
 
 def _mount_dev(root: str) -> None:
@@ -242,8 +272,7 @@ def _mount_dev(root: str) -> None:
     for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
                          ("stderr", "/proc/self/fd/2")):
         os.symlink(target, f"{dev}/{name}")
-    os.mkdir(f"{dev}/shm", 0o1777)
-    os.chmod(f"{dev}/shm", 0o1777)
+    os.mkdir(f"{dev}/shm", 0o755)
 
 
 def _mount_proc(root: str) -> None:

@@ -51,6 +51,8 @@ class ChildPlan:
     scratch_dir: str  # host path of the job's scratch dir
     scratch_in_job: str  # where the job sees it
     binds: tuple[BindMount, ...]  # MOUNT_UNDER_SCRATCH binds (target paths as seen by the job)
+    dev_shm_size: str = "64m"
+    hide: tuple[str, ...] = ()  # without a rootfs: covered by an empty read-only tmpfs (other jobs' scratch, state)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -114,6 +116,17 @@ def build_plan(settings: RuntimeSettings, req: LaunchRequest) -> LaunchPlan:
         job_id=req.job_id, command=tuple(req.command), env=env, cwd=spec.cwd or scratch_in_job, uid=uid, gid=gid,
         wall_time_s=spec.wall_time_s, rootfs=str(spec.rootfs) if spec.rootfs else None, scratch_dir=str(scratch),
         scratch_in_job=scratch_in_job, binds=binds,
+        dev_shm_size=settings.dev_shm_size, hide=() if spec.rootfs is not None else _hidden(settings),
     )
     return LaunchPlan(job_id=req.job_id, netns_path=req.netns_path, state_dir=settings.state_dir / req.job_id,
                       scratch_dir=scratch, spec=spec, child=child)
+
+
+def _hidden(settings: RuntimeSettings) -> tuple[str, ...]:
+    """Outermost first; a path below another hidden one is already hidden."""
+    paths = sorted({settings.scratch_root, settings.state_dir, *settings.hidden_paths}, key=lambda p: len(p.parts))
+    out: list[Path] = []
+    for p in paths:
+        if not any(q == p or q in p.parents for q in out):
+            out.append(p)
+    return tuple(str(p) for p in out)

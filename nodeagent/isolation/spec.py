@@ -89,6 +89,10 @@ class RuntimeSettings:
     cgroup_root: Path = Path("/sys/fs/cgroup")
     setup_timeout_s: float = 10.0  # a launch that does not pass the barrier and exec within this fails
     python: str | None = None  # interpreter for the zygote; default sys.executable
+    # host paths a job without its own rootfs must not see (scratch_root and state_dir always are): each is
+    # covered by an empty read-only tmpfs in the job's mount namespace (e.g. the agent's own state dir)
+    hidden_paths: tuple[Path, ...] = ()
+    dev_shm_size: str = "64m"  # the job's private /dev/shm (tmpfs, charged to the job's memory cgroup)
 
 
 @dataclass(frozen=True)

@@ -70,7 +70,7 @@ def test_unprivileged_no_caps_no_new_privs_and_forbidden_operations(
         runtime: JobRuntime, netns: Path, workdir: Path) -> None:
     host = subprocess.Popen(["sleep", "30"])
     try:
-        targets = ["/etc/jn-iso-probe", str(workdir / "jn-iso-probe"), "/dev/shm/jn-iso-probe",
+        targets = ["/etc/jn-iso-probe", str(workdir / "jn-iso-probe"), "/run/lock/jn-iso-probe", "/dev/shm/jn-iso-private",
                    str(runtime.settings.state_dir / "jn-iso-probe"), "/tmp/jn-iso-ok"]
         ex, out, err = run(runtime, netns, (PYTHON, "-S", PROBE, str(host.pid), *targets), timeout=20)
         assert ex.exit_code == 0, err
@@ -87,11 +87,26 @@ def test_unprivileged_no_caps_no_new_privs_and_forbidden_operations(
         assert host.poll() is None
         writes = res["write"]
         assert writes.pop("/tmp/jn-iso-ok") == 0
+        assert writes.pop("/dev/shm/jn-iso-private") == 0 and not Path("/dev/shm/jn-iso-private").exists()
         assert all(e in (13, 30) for e in writes.values()), writes  # EACCES or EROFS everywhere else
         assert not Path("/etc/jn-iso-probe").exists()
     finally:
         host.kill()
         host.wait()
+
+
+def test_other_jobs_scratch_and_agent_state_hidden(runtime: JobRuntime, netns: Path) -> None:
+    other = f"o{rand(8)}"
+    runtime.start(LaunchRequest(other, ("sleep", "30"), netns))
+    s = runtime.settings
+    ex, out, err = run(runtime, netns, ("sh", "-c", f"ls -A {s.scratch_root}; echo --; ls -A {s.state_dir}; echo --; "
+                                        "echo shm > /dev/shm/x && cat /dev/shm/x"))
+    assert ex.exit_code == 0, err
+    scratch_ls, state_ls, shm = out.split("--\n")
+    assert scratch_ls.split() == [ex.job_id]  # not the other job's scratch dir
+    assert state_ls.split() == []
+    assert shm == "shm\n" and not Path("/dev/shm/x").exists()
+    runtime.stop(other, grace_s=0)
 
 
 def test_pivot_root_busybox_userland_old_root_unreachable(
@@ -109,7 +124,7 @@ def test_pivot_root_busybox_userland_old_root_unreachable(
     mounts = {line.split()[4]: line.split()[3] for line in out.splitlines() if len(line.split()) > 9
               and line.split()[0].isdigit()}
     assert mounts["/"] == str(rootfs)  # the rootfs is the job's root mount ...
-    allowed = {"/", "/scratch", "/tmp", "/var/tmp", "/dev", "/proc", *(f"/dev/{n}" for n in
+    allowed = {"/", "/scratch", "/tmp", "/var/tmp", "/dev", "/dev/shm", "/proc", *(f"/dev/{n}" for n in
                                                                          ("null", "zero", "full", "random",
                                                                           "urandom", "tty"))}
     assert set(mounts) <= allowed, set(mounts) - allowed  # ... and no mount of the old root is left
