@@ -70,8 +70,8 @@ def test_unprivileged_no_caps_no_new_privs_and_forbidden_operations(
         runtime: JobRuntime, netns: Path, workdir: Path) -> None:
     host = subprocess.Popen(["sleep", "30"])
     try:
-        targets = ["/etc/jn-iso-probe", str(workdir / "jn-iso-probe"), "/run/lock/jn-iso-probe", "/dev/shm/jn-iso-private",
-                   str(runtime.settings.state_dir / "jn-iso-probe"), "/tmp/jn-iso-ok"]
+        targets = ["/etc/jn-iso-probe", str(workdir / "jn-iso-probe"), "/run/lock/jn-iso-probe",
+                   "/dev/shm/jn-iso-private", str(runtime.settings.state_dir / "jn-iso-probe"), "/tmp/jn-iso-ok"]
         ex, out, err = run(runtime, netns, (PYTHON, "-S", PROBE, str(host.pid), *targets), timeout=20)
         assert ex.exit_code == 0, err
         res = json.loads(out)
