@@ -54,6 +54,15 @@ def test_pid_namespace_init_is_pid1_and_only_own_processes_visible(runtime: JobR
     assert pids[0] == 1 and len(pids) <= 4 and max(pids) < 10  # init, sh, ls: nothing of the host
 
 
+def test_init_reaps_orphaned_zombies(runtime: JobRuntime, netns: Path) -> None:
+    # orphans of the job are reparented to its init, which must reap them (no zombie accumulates)
+    ex, out, err = run(runtime, netns, (
+        "sh", "-c", "for i in 1 2 3 4 5; do (sh -c 'exit 0' &); done; sleep 0.5; cat /proc/[0-9]*/stat"))
+    assert ex.exit_code == 0, err
+    states = [line.rsplit(")", 1)[1].split()[0] for line in out.splitlines() if ")" in line]
+    assert states and "Z" not in states, out
+
+
 def test_barrier_cgroup_and_netns_in_place_at_first_instruction(
         runtime: JobRuntime, netns: Path, parent: str) -> None:
     # `cat` is the job's first external instruction: what it sees was in place before the job ran at all
