@@ -283,6 +283,17 @@ class JobRuntime:
         with self._zlock:
             try:
                 protocol.send(self._zsock, msg, fds)
+                return
+            except OSError as e:
+                if self._zsock.fileno() < 0:  # close() was called
+                    raise ZygoteError("the runtime is closed") from e
+                log.error("the zygote (pid %d) is gone (%s): starting a new one", self._zproc.pid, _cause(e))
+            self._zsock.close()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._zproc.wait(timeout=0.1)
+            self._zsock, self._zproc = self._start_zygote()
+            try:
+                protocol.send(self._zsock, msg, fds)
             except OSError as e:
                 raise ZygoteError(f"the zygote is gone: {_cause(e)}") from e
 

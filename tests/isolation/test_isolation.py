@@ -259,3 +259,12 @@ def test_site_maximum_and_root_are_enforced(runtime: JobRuntime, netns: Path) ->
     with pytest.raises(SpecError, match="root"):
         runtime.start(LaunchRequest("rootjob", ("true",), netns, IsolationSpec(uid=0)))
     assert runtime.running() == {}
+
+
+def test_zygote_death_is_survived(runtime: JobRuntime, netns: Path) -> None:
+    old = runtime.zygote_pid
+    os.kill(old, signal.SIGKILL)
+    time.sleep(0.1)
+    ex, out, _ = run(runtime, netns, ("echo", "after"))
+    assert (ex.end_reason, out) == ("exited", "after\n")
+    assert runtime.zygote_pid != old
