@@ -130,7 +130,11 @@ def _init(plan: ChildPlan, fds: JobFds, last_cap: int) -> int:
 
     def on_timeout(_sig: int, _frame: object) -> None:
         # the job runs as our uid and could send us SIGALRM itself: only the real deadline counts
-        if not plan.wall_time_s or time.monotonic() < state["deadline"]:
+        if not plan.wall_time_s:
+            return
+        left = state["deadline"] - time.monotonic()
+        if left > 0:  # a forged or early SIGALRM: re-arm for the real remainder
+            signal.setitimer(signal.ITIMER_REAL, max(left, 0.002))
             return
         state["timed_out"] = True
         with contextlib.suppress(ProcessLookupError):
@@ -149,7 +153,7 @@ def _init(plan: ChildPlan, fds: JobFds, last_cap: int) -> int:
         return 1
     state["main"] = pid
     if plan.wall_time_s:
-        state["deadline"] = time.monotonic() + plan.wall_time_s - 0.001
+        state["deadline"] = time.monotonic() + plan.wall_time_s
         signal.setitimer(signal.ITIMER_REAL, plan.wall_time_s)
     with contextlib.suppress(OSError):
         protocol.send(ctl, {"exec": "ok"})

@@ -142,6 +142,7 @@ class JobRuntime:
         self.settings = settings
         settings.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         settings.scratch_root.mkdir(parents=True, exist_ok=True, mode=0o711)
+        self._own_cg = cgroups is None  # close() closes the manager only if we made it
         if cgroups is None:
             from .cgroups import detect
 
@@ -200,8 +201,9 @@ class JobRuntime:
                     os.close(j.pidfd)
             self._jobs.clear()
             self._done.clear()
-        with contextlib.suppress(Exception):
-            self._cg.close()
+        if self._own_cg:
+            with contextlib.suppress(Exception):
+                self._cg.close()
 
     # -- start -------------------------------------------------------------------------------------------
 

@@ -82,9 +82,21 @@ def make_settings(workdir: Path, parent: str, **kw: Any) -> RuntimeSettings:
                            defaults=IsolationSpec(limits=default_limits()), **kw)
 
 
+def remove_parent(parent: str) -> None:
+    """Safety net: the (empty) parent cgroup in every hierarchy, whatever the manager's close() does."""
+    for hier in Path("/sys/fs/cgroup").iterdir():
+        d = hier / parent
+        if d.is_dir():
+            for sub in [p for p in d.iterdir() if p.is_dir()]:
+                sub.rmdir()
+            d.rmdir()
+
+
 @pytest.fixture
-def parent() -> str:
-    return f"jn-iso-{rand()}"
+def parent() -> Iterator[str]:
+    name = f"jn-iso-{rand()}"
+    yield name
+    remove_parent(name)
 
 
 @pytest.fixture

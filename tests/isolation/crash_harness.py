@@ -21,7 +21,7 @@ from pathlib import Path
 
 from nodeagent.isolation import JobRuntime, LaunchRequest, SetupFailed
 
-from .conftest import cgroup_procs_of, make_cgroups, make_settings
+from .conftest import cgroup_procs_of, make_cgroups, make_settings, remove_parent
 
 PR_SET_CHILD_SUBREAPER = 36
 
@@ -55,8 +55,7 @@ def leftovers(workdir: Path, parent: str, marker: str) -> dict[str, list[str]]:
             except OSError:
                 pass
     mounts = [line for line in Path("/proc/self/mountinfo").read_text().splitlines() if str(workdir) in line]
-    cgroups = [str(h / parent / j.name) for h in Path("/sys/fs/cgroup").iterdir()
-               if (h / parent).is_dir() for j in (h / parent).iterdir() if j.is_dir()]
+    cgroups = [str(h / parent) for h in Path("/sys/fs/cgroup").iterdir() if (h / parent).is_dir()]
     return {
         "state": sorted(os.listdir(st)) if st.exists() else [],
         "scratch": sorted(os.listdir(sc)) if sc.exists() else [],
@@ -96,7 +95,8 @@ def harness(workdir: Path, parent: str, netns: Path, n: int, kill_after: int) ->
     child.wait()
     before = leftovers(workdir, parent, marker)
 
-    rt = JobRuntime(make_settings(workdir, parent), cgroups=make_cgroups(parent))
+    mgr = make_cgroups(parent)
+    rt = JobRuntime(make_settings(workdir, parent), cgroups=mgr)
     dead = rt.recover()
     adopted = sorted(rt.running())
     for job_id in adopted:
@@ -109,6 +109,8 @@ def harness(workdir: Path, parent: str, netns: Path, n: int, kill_after: int) ->
     for job_id in list(ends):
         rt.cleanup(job_id)
     rt.close()
+    mgr.close()
+    remove_parent(parent)
     end = time.monotonic() + 5
     while time.monotonic() < end:  # the old zygote leaves once its inits are gone
         reap()

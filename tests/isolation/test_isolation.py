@@ -149,6 +149,12 @@ def test_wall_time_limit_timeout(runtime: JobRuntime, netns: Path) -> None:
     assert time.monotonic() - t0 < 5
 
 
+def test_job_cannot_forge_its_timeout_or_kill_its_init(runtime: JobRuntime, netns: Path) -> None:
+    ex, out, _ = run(runtime, netns, ("sh", "-c", "kill -ALRM 1; kill -KILL 1; sleep 0.3; echo alive"),
+                     wall_time_s=30)
+    assert (ex.end_reason, ex.exit_code, out) == ("exited", 0, "alive\n")
+
+
 def test_stop_kills_double_forked_children(runtime: JobRuntime, netns: Path, parent: str) -> None:
     job_id = f"s{rand(8)}"
     runtime.start(LaunchRequest(job_id, (
