@@ -207,6 +207,22 @@ def test_memory_hog_is_oom(runtime: JobRuntime, netns: Path) -> None:
     assert ex.usage.get("oom_kills", 1) >= 1
 
 
+def test_fork_bomb_stops_at_pids_limit(runtime: JobRuntime, netns: Path, parent: str) -> None:
+    from .conftest import limits
+
+    bomb = ("import os, time\nok = fail = 0\nfor _ in range(200):\n    try:\n        if os.fork() == 0:\n"
+            "            time.sleep(2); os._exit(0)\n        ok += 1\n    except BlockingIOError:\n        fail += 1\n"
+            "print(ok, fail)")
+    ex, out, err = run(runtime, netns, (PYTHON, "-S", "-c", bomb), timeout=30, limits=limits(pids_max=20))
+    assert ex.exit_code == 0, err
+    ok, fail = map(int, out.split())
+    assert ok < 20 and fail == 200 - ok  # init + the job + its children stay within 20
+    end = time.monotonic() + 3
+    while cgroup_procs_of(parent) and time.monotonic() < end:
+        time.sleep(0.02)
+    assert cgroup_procs_of(parent) == []  # the job's end took its children with it
+
+
 def _assert_nothing_left(rt: JobRuntime, job_id: str, parent: str) -> None:
     assert not (rt.settings.state_dir / job_id).exists()
     assert not (rt.settings.scratch_root / job_id).exists()
