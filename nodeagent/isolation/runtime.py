@@ -268,11 +268,19 @@ class JobRuntime:
         stash: list[dict[str, Any]] = []
         msg = self._expect(ctl, "spawn", "pid", plan, stash)
         pid = int(msg["pid"])
-        pidfd: int = rb.do("spawn", lambda: os.pidfd_open(pid))
+        try:
+            pidfd: int = rb.do("spawn", lambda: os.pidfd_open(pid))
+        except SetupFailed:
+            self._init_error(ctl, stash, plan)  # the init died already: report its own reason if it sent one
+            raise
         rb.undo.append(("spawn", lambda: _kill_and_wait(pidfd)))
         starttime = linux.proc_starttime(pid)
         rb.do("spawn", lambda: st.write_init(InitIdentity(pid, starttime or 0)))
-        rb.do("cgroup-attach", lambda: cg.attach(pid))
+        try:
+            rb.do("cgroup-attach", lambda: cg.attach(pid))
+        except SetupFailed:
+            self._init_error(ctl, stash, plan)
+            raise
         ready = self._expect(ctl, "mount", "ready", plan, stash)
         log.debug("job %s: in-namespace steps (ms): %s", plan.job_id, ready.get("ms"))
         rb.do("barrier", lambda: protocol.send(ctl, {"go": True}))
@@ -317,9 +325,19 @@ class JobRuntime:
                 os.close(fd)
             if msg is None:
                 raise SetupFailed(step, "the job's init exited unexpectedly", plan.job_id)
+            stash.append(msg)
             if "error" in msg:
                 raise SetupFailed(str(msg["error"]), str(msg.get("cause", "")), plan.job_id)
-            stash.append(msg)
+
+    def _init_error(self, ctl: socket.socket, stash: list[dict[str, Any]], plan: LaunchPlan) -> None:
+        """After a host-side step failed because the init is gone: raise the init's own error if it sent one
+        (e.g. "mount-scratch: ..."), else return and let the caller raise its own."""
+        ctl.settimeout(0.5)
+        with contextlib.suppress(SetupFailed):
+            self._expect(ctl, "spawn", "\0never", plan, stash)
+        for m in stash:
+            if "error" in m:
+                raise SetupFailed(str(m["error"]), str(m.get("cause", "")), plan.job_id)
 
     def _make_scratch(self, plan: LaunchPlan) -> list[int]:
         """Create scratch_root/<job>/ (owned by the job's uid, 0700) with one dir per MOUNT_UNDER_SCRATCH

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import time
 import uuid
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -141,12 +142,17 @@ def rootfs(tmp_path: Path) -> Path:
     return root
 
 
+_SEEN: weakref.WeakKeyDictionary[JobRuntime, dict[str, JobExit]] = weakref.WeakKeyDictionary()
+
+
 def wait_exit(rt: JobRuntime, job_id: str, timeout: float = 10.0) -> JobExit:
+    """Poll until `job_id` ends; exits of other jobs seen meanwhile are kept for their own wait_exit."""
+    seen = _SEEN.setdefault(rt, {})
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        for ex in rt.poll():
-            if ex.job_id == job_id:
-                return ex
+        seen.update({ex.job_id: ex for ex in rt.poll()})
+        if job_id in seen:
+            return seen.pop(job_id)
         time.sleep(0.01)
     raise AssertionError(f"job {job_id} did not end within {timeout}s")
 
