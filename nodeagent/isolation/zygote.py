@@ -68,6 +68,15 @@ def _make_spare(own_pidns: int, last_cap: int, agent: socket.socket) -> _Spare |
             msg, fds = protocol.recv(theirs)
             if msg is None:
                 os._exit(0)
+            if msg.get("warm"):
+                # handed to the agent as a warm slot: the launch comes straight from the agent on the ctl
+                theirs.close()
+                ctl = socket.socket(fileno=fds[0])
+                msg, more = protocol.recv(ctl)
+                if msg is None:
+                    os._exit(0)
+                ctl.detach()
+                fds = [fds[0], *more]
             plan = ChildPlan.from_json(str(msg["plan"]))
             job_fds = launcher.JobFds(fds)
         except BaseException:
@@ -75,6 +84,32 @@ def _make_spare(own_pidns: int, last_cap: int, agent: socket.socket) -> _Spare |
         launcher.run_init(plan, job_fds, last_cap)
     theirs.close()
     return _Spare(pid, mine)
+
+
+def _hand_warm(ctl_fd: int, own_pidns: int, last_cap: int, sock: socket.socket, spare: _Spare | None) -> None:
+    """Give a spare to the agent as a warm slot: its pid on the ctl, and the ctl to the spare (which then waits
+    for the launch from the agent directly). The caller closes its copy of ctl_fd."""
+    ctl = socket.socket(fileno=os.dup(ctl_fd))
+    try:
+        for _ in range(2):
+            if spare is None:
+                spare = _make_spare(own_pidns, last_cap, sock)
+                if spare is None:
+                    protocol.send(ctl, {"error": "spawn", "cause": "cannot fork"})
+                    return
+            try:
+                protocol.send(spare.sock, {"warm": True}, [ctl_fd])
+            except OSError:  # that spare died: fork another
+                spare.sock.close()
+                spare = None
+                continue
+            spare.sock.close()
+            with contextlib.suppress(OSError):
+                protocol.send(ctl, {"pid": spare.pid})
+            return
+    finally:
+        with contextlib.suppress(OSError):
+            ctl.close()
 
 
 def serve(sock: socket.socket) -> None:
@@ -121,6 +156,8 @@ def _spawn(msg: dict[str, object], fds: list[int], own_pidns: int, last_cap: int
     """Hand the launch to the spare (or fork one now); report the init's pid. Returns the spare left."""
     if not fds:
         return spare
+    if msg.get("warm"):
+        return _hand_warm(fds[0], own_pidns, last_cap, sock, spare)
     ctl = socket.socket(fileno=os.dup(fds[0]))
     try:
         pid = 0

@@ -100,10 +100,12 @@ def parent() -> Iterator[str]:
     remove_parent(name)
 
 
-@pytest.fixture
-def runtime(workdir: Path, parent: str) -> Iterator[JobRuntime]:
+@pytest.fixture(params=[1, 0], ids=["warm", "cold"])
+def runtime(request: pytest.FixtureRequest, workdir: Path, parent: str) -> Iterator[JobRuntime]:
+    """Both launch paths: through a warm slot (pre-forked init in a pre-made cgroup) and cold (fork, create,
+    attach at launch time)."""
     mgr = make_cgroups(parent)
-    rt = JobRuntime(make_settings(workdir, parent), cgroups=mgr)
+    rt = JobRuntime(make_settings(workdir, parent, warm_slots=request.param), cgroups=mgr)
     zygote = rt.zygote_pid
     try:
         yield rt
@@ -166,14 +168,16 @@ def run(rt: JobRuntime, netns: Path, command: tuple[str, ...], timeout: float = 
     return ex, (scratch / "stdout").read_text(), (scratch / "stderr").read_text()
 
 
-def cgroup_procs_of(parent: str) -> list[str]:
-    """Every process whose cgroup path (any hierarchy) lies under `parent`."""
+def cgroup_procs_of(parent: str, warm: bool = False) -> list[str]:
+    """Every process whose cgroup path (any hierarchy) lies under `parent`; without the runtime's warm launch
+    slots (cgroups named w<hex>: an idle pre-forked init each) unless `warm`."""
     found = []
     for p in Path("/proc").iterdir():
         if not p.name.isdigit():
             continue
         try:
-            if f"/{parent}/" in (p / "cgroup").read_text():
+            text = (p / "cgroup").read_text()
+            if f"/{parent}/" in text and (warm or f"/{parent}/w" not in text):
                 found.append(p.name)
         except OSError:
             continue

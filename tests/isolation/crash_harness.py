@@ -60,7 +60,7 @@ def leftovers(workdir: Path, parent: str, marker: str) -> dict[str, list[str]]:
         "state": sorted(os.listdir(st)) if st.exists() else [],
         "scratch": sorted(os.listdir(sc)) if sc.exists() else [],
         "cgroups": cgroups,
-        "cgroup_procs": cgroup_procs_of(parent),
+        "cgroup_procs": cgroup_procs_of(parent, warm=True),
         "procs": procs,
         "mounts": mounts,
     }

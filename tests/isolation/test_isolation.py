@@ -287,6 +287,7 @@ def test_zygote_death_is_survived(runtime: JobRuntime, netns: Path) -> None:
     old = runtime.zygote_pid
     os.kill(old, signal.SIGKILL)
     time.sleep(0.1)
-    ex, out, _ = run(runtime, netns, ("echo", "after"))
-    assert (ex.end_reason, out) == ("exited", "after\n")
+    for _ in range(3):  # the first may use a warm slot made before; the others need a (new) zygote
+        ex, out, _ = run(runtime, netns, ("echo", "after"))
+        assert (ex.end_reason, out) == ("exited", "after\n")
     assert runtime.zygote_pid != old
