@@ -53,6 +53,7 @@ from .state import InitIdentity, JobState, list_job_ids
 log = logging.getLogger(__name__)
 
 NS_GET_NSTYPE = 0xB703
+WARM_QUIET_S = 0.005  # warm slots are refilled only after this long without a launch
 _PKG_PARENT = str(Path(__file__).resolve().parents[2])
 _BOOT = (
     "import sys; sys.path.insert(0, {path!r}); "
@@ -180,6 +181,7 @@ class JobRuntime:
         self._warm: list[_Warm] = []
         self._warm_names: set[str] = set()  # cgroups of warm slots (being) made: not orphans for recover()
         self._warm_wake = threading.Event()
+        self._last_launch = 0.0
         self._closed = False
         self._default_limits = settings.defaults.limits
         self._warm_thread: threading.Thread | None = None
@@ -256,6 +258,12 @@ class JobRuntime:
                 with self._lock:
                     if len(self._warm) >= self.settings.warm_slots:
                         break
+                    busy = bool(self._launching) or time.monotonic() - self._last_launch < WARM_QUIET_S
+                if busy:
+                    # refill in quiet moments only: a cgroup migration holds cgroup_mutex (on v1 for an RCU
+                    # grace period), which would stall the cgroup steps of launches running now
+                    time.sleep(WARM_QUIET_S)
+                    continue
                 try:
                     w = self._make_warm()
                 except Exception as e:
@@ -316,6 +324,7 @@ class JobRuntime:
             if req.job_id in self._jobs or req.job_id in self._done or req.job_id in self._launching:
                 raise SpecError(f"job {req.job_id} already exists", req.job_id)
             self._launching.add(req.job_id)
+            self._last_launch = time.monotonic()
         rb = _Rollback(req.job_id)
         try:
             job = self._launch(plan, rb)
@@ -325,6 +334,7 @@ class JobRuntime:
         finally:
             with self._lock:
                 self._launching.discard(req.job_id)
+                self._last_launch = time.monotonic()
         with self._lock:
             self._jobs[req.job_id] = job
         return job.pid
