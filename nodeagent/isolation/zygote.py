@@ -157,7 +157,8 @@ def _spawn(msg: dict[str, object], fds: list[int], own_pidns: int, last_cap: int
     if not fds:
         return spare
     if msg.get("warm"):
-        return _hand_warm(fds[0], own_pidns, last_cap, sock, spare)
+        _hand_warm(fds[0], own_pidns, last_cap, sock, spare)
+        return None  # the spare (if any) went to the agent
     ctl = socket.socket(fileno=os.dup(fds[0]))
     try:
         pid = 0
