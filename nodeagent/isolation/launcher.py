@@ -13,6 +13,7 @@ failure is reported to the agent as {error: <step>, cause} and recorded in the s
   5. mount-dev       (rootfs only) a tmpfs /dev with null, zero, full, random, urandom, tty bound from the host
      mount-shm       a private tmpfs /dev/shm (charged to the job's memory cgroup)
   6. mount-proc      a fresh /proc for the job's PID namespace (must be mounted from inside it: we are PID 1)
+     mount-sys       a read-only sysfs of the job's network namespace
   7. pivot-root      (rootfs only) pivot_root(".", ".") then umount2(MNT_DETACH) of the old root
   8. barrier         report {ready}; wait for {go}: the agent has attached us to the cgroup meanwhile
   9. drop-privileges the init itself drops to the job's identity: bounding set, ambient, groups, gid, uid,
@@ -211,6 +212,9 @@ def _setup_namespaces(plan: ChildPlan, fds: JobFds) -> None:
                                            linux.MS_NOSUID | linux.MS_NODEV,
                                            f"mode=1777,size={plan.dev_shm_size}"))
     _step("mount-proc", lambda: _mount_proc(root))
+    # a sysfs of the job's own network namespace (read-only): /sys/class/net lists the job's links only
+    _step("mount-sys", lambda: linux.mount("sysfs", _mountpoint(root, "/sys"), "sysfs",
+                                           linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC))
     if root:
         _step("pivot-root", lambda: _pivot_root(root))
 

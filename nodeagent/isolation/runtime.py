@@ -500,7 +500,7 @@ class JobRuntime:
         root = Path(plan.child.rootfs or "")
         if not root.is_dir():
             raise FileNotFoundError(2, "rootfs is not a directory", str(root))
-        for target in [b.target for b in plan.child.binds] + [plan.child.scratch_in_job, "/proc", "/dev"]:
+        for target in [b.target for b in plan.child.binds] + [plan.child.scratch_in_job, "/proc", "/dev", "/sys"]:
             (root / target.lstrip("/")).mkdir(parents=True, exist_ok=True)
 
     # -- lifecycle ---------------------------------------------------------------------------------------

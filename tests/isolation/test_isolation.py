@@ -66,11 +66,13 @@ def test_init_reaps_orphaned_zombies(runtime: JobRuntime, netns: Path) -> None:
 def test_barrier_cgroup_and_netns_in_place_at_first_instruction(
         runtime: JobRuntime, netns: Path, parent: str) -> None:
     # `cat` is the job's first external instruction: what it sees was in place before the job ran at all
-    ex, out, err = run(runtime, netns, ("sh", "-c", "readlink /proc/self/ns/net; cat /proc/self/cgroup"))
+    ex, out, err = run(runtime, netns, (
+        "sh", "-c", "readlink /proc/self/ns/net; cat /proc/self/cgroup; ls /sys/class/net"))
     assert ex.exit_code == 0, err
     lines = out.split("\n")
     assert lines[0] == f"net:[{os.stat(netns).st_ino}]"
-    job_paths = [line.split(":", 2)[2] for line in lines[1:] if line]
+    assert lines[-2:] == ["lo", ""]  # sysfs of the job's netns: only its own links
+    job_paths = [line.split(":", 2)[2] for line in lines[1:-2] if line]
     ours = [p for p in job_paths if p == f"/{parent}/{ex.job_id}" or p.endswith(f"/{parent}/{ex.job_id}")]
     assert ours, f"job not in its cgroup at its first instruction: {job_paths}"
 
@@ -133,7 +135,7 @@ def test_pivot_root_busybox_userland_old_root_unreachable(
     mounts = {line.split()[4]: line.split()[3] for line in out.splitlines() if len(line.split()) > 9
               and line.split()[0].isdigit()}
     assert mounts["/"] == str(rootfs)  # the rootfs is the job's root mount ...
-    allowed = {"/", "/scratch", "/tmp", "/var/tmp", "/dev", "/dev/shm", "/proc", *(f"/dev/{n}" for n in
+    allowed = {"/", "/scratch", "/tmp", "/var/tmp", "/dev", "/dev/shm", "/proc", "/sys", *(f"/dev/{n}" for n in
                                                                          ("null", "zero", "full", "random",
                                                                           "urandom", "tty"))}
     assert set(mounts) <= allowed, set(mounts) - allowed  # ... and no mount of the old root is left
