@@ -50,8 +50,8 @@ PR_SET_CHILD_SUBREAPER = 36
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 
 _SYSCALLS: dict[str, dict[str, int]] = {
-    "x86_64": {"pivot_root": 155, "mount_setattr": 442, "close_range": 436, "capset": 126},
-    "aarch64": {"pivot_root": 41, "mount_setattr": 442, "close_range": 436, "capset": 91},
+    "x86_64": {"pivot_root": 155, "mount_setattr": 442, "close_range": 436, "capset": 126, "renameat2": 316},
+    "aarch64": {"pivot_root": 41, "mount_setattr": 442, "close_range": 436, "capset": 91, "renameat2": 276},
 }
 _NR = _SYSCALLS.get(platform.machine(), _SYSCALLS["x86_64"])
 
@@ -167,3 +167,15 @@ def proc_starttime(pid: int) -> int | None:
     if rest[0] in (b"Z", b"X"):
         return None
     return int(rest[19])
+
+
+RENAME_NOREPLACE = 1
+
+
+def rename_noreplace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+    """rename(2) that fails with EEXIST instead of replacing `dst`."""
+    rc = _libc.syscall(ctypes.c_long(_NR["renameat2"]), ctypes.c_int(AT_FDCWD), _b(src), ctypes.c_int(AT_FDCWD),
+                       _b(dst), ctypes.c_uint(RENAME_NOREPLACE))
+    if rc < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), os.fspath(dst))

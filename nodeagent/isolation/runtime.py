@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import json
 import logging
 import os
 import select
@@ -40,6 +41,7 @@ from typing import Any, Protocol
 from . import linux, protocol
 from .plan import LaunchPlan, build_plan
 from .spec import (
+    DEFAULT_MOUNT_UNDER_SCRATCH,
     JobExit,
     LaunchRequest,
     RuntimeSettings,
@@ -47,6 +49,7 @@ from .spec import (
     SpecError,
     UnknownJob,
     ZygoteError,
+    scratch_name,
 )
 from .state import InitIdentity, JobState, list_job_ids
 
@@ -97,6 +100,34 @@ class _Job:
 
 
 @dataclass
+class _Skeleton:
+    """A job's state and scratch dirs made ahead of time (hidden names `.w<hex>`), files already open: a launch
+    renames them into place instead of creating ~8 inodes (each 0.1-0.5 ms on a busy ext4)."""
+
+    state_dir: Path
+    scratch_dir: Path
+    mount_dirs: tuple[str, ...]  # names of the MOUNT_UNDER_SCRATCH dirs made in scratch_dir
+    plan_fd: int
+    pid_fd: int
+    status_fd: int
+    stdio: list[int]  # stdin (/dev/null), stdout, stderr
+
+    def close(self) -> None:
+        """Idempotent (fd numbers are never closed twice: another thread may have reused them)."""
+        for fd in (self.plan_fd, self.pid_fd, self.status_fd, *self.stdio):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self.plan_fd = self.pid_fd = self.status_fd = -1
+        self.stdio = []
+
+    def discard(self) -> None:
+        self.close()
+        shutil.rmtree(self.state_dir, ignore_errors=True)
+        shutil.rmtree(self.scratch_dir, ignore_errors=True)
+
+
+@dataclass
 class _Warm:
     """A pre-forked job init (PID 1 of its own PID ns) already attached to a cgroup with the site's default
     limits, waiting for a launch on `ctl`. Saves the fork, the cgroup creation and, above all, the cgroup
@@ -107,8 +138,11 @@ class _Warm:
     pid: int
     pidfd: int
     ctl: socket.socket
+    skel: _Skeleton | None = None
 
     def discard(self) -> None:
+        if self.skel is not None:
+            self.skel.discard()
         with contextlib.suppress(OSError):
             self.ctl.close()
         _kill_and_wait(self.pidfd)
@@ -295,7 +329,10 @@ class JobRuntime:
             pid = int(msg["pid"])
             pidfd = os.pidfd_open(pid)
             cg.attach(pid)
-            return _Warm(name, cg, pid, pidfd, ctl)
+            skel = self._make_skeleton(name)
+            if skel is None:
+                raise OSError(f"cannot prepare the state and scratch dirs of warm slot {name}")
+            return _Warm(name, cg, pid, pidfd, ctl, skel)
         except BaseException:
             ctl.close()
             if pidfd >= 0:
@@ -305,6 +342,34 @@ class JobRuntime:
             with self._lock:
                 self._warm_names.discard(name)
             raise
+
+    def _make_skeleton(self, name: str) -> _Skeleton | None:
+        mus = self.settings.defaults.mount_under_scratch
+        mount_dirs = tuple(scratch_name(d) for d in (mus if mus is not None else DEFAULT_MOUNT_UNDER_SCRATCH))
+        state_dir = self.settings.state_dir / f".{name}"
+        scratch = self.settings.scratch_root / f".{name}"
+        fds: list[int] = []
+        try:
+            state_dir.mkdir(mode=0o700)
+            scratch.mkdir(mode=0o700)
+            for d in mount_dirs:
+                os.mkdir(scratch / d, 0o1777)
+                os.chmod(scratch / d, 0o1777)
+            wflags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+            for path, mode in ((state_dir / "plan.json", 0o600), (state_dir / "pid.json", 0o600),
+                               (state_dir / "status", 0o600)):
+                fds.append(os.open(path, wflags, mode))
+            fds.append(os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC))
+            for n in ("stdout", "stderr"):
+                fds.append(os.open(scratch / n, wflags | os.O_APPEND, 0o644))
+        except OSError as e:
+            for fd in fds:
+                os.close(fd)
+            shutil.rmtree(state_dir, ignore_errors=True)
+            shutil.rmtree(scratch, ignore_errors=True)
+            log.warning("cannot prepare a launch skeleton: %s", e)
+            return None
+        return _Skeleton(state_dir, scratch, mount_dirs, fds[0], fds[1], fds[2], fds[3:])
 
     def _take_warm(self, plan: LaunchPlan) -> _Warm | None:
         """A warm slot if the job runs with the site's default cgroup limits (the slot's cgroup has those)."""
@@ -345,10 +410,11 @@ class JobRuntime:
         if warm is not None:
             rb.undo.append(("warm", warm.discard))
         cg_name = warm.cg_name if warm is not None else plan.job_id
-        rb.do("state", lambda: st.create({"job_id": plan.job_id, "scratch_dir": str(plan.scratch_dir),
-                                          "netns_path": str(plan.netns_path), "command": list(plan.child.command),
-                                          "cgroup": cg_name}),
-              st.remove)
+        plan_json = {"job_id": plan.job_id, "scratch_dir": str(plan.scratch_dir), "netns_path": str(plan.netns_path),
+                     "command": list(plan.child.command), "cgroup": cg_name}
+        if warm is not None and warm.skel is not None:
+            return self._launch_warm(plan, rb, st, warm, warm.skel, plan_json)
+        rb.do("state", lambda: st.create(plan_json), st.remove)
         fds: list[int] = []
 
         def close_fds() -> None:
@@ -365,8 +431,6 @@ class JobRuntime:
         rb.do("netns", lambda: fds.insert(0, _open_netns(plan.netns_path)))
         fds.append(rb.do("status-file", lambda: os.open(
             st.status_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)))
-        if warm is not None:
-            return self._launch_warm(plan, rb, st, warm, fds, close_fds)
         limits = plan.spec.limits if plan.spec.limits is not None else _default_cgroup_limits()
         cg: JobCgroupLike = rb.do("cgroup", lambda: self._cg.create(plan.job_id, limits))
         rb.undo.append(("cgroup", lambda: _destroy_cgroup(cg)))
@@ -404,15 +468,27 @@ class JobRuntime:
         ctl.close()
         return _Job(plan.job_id, pid, pidfd, cg, st, plan.scratch_dir, cgroup_name=plan.job_id)
 
-    def _launch_warm(self, plan: LaunchPlan, rb: _Rollback, st: JobState, warm: _Warm, fds: list[int],
-                     close_fds: Callable[[], None]) -> _Job:
-        """The launch through a warm slot: the init exists and sits in its cgroup; it gets the plan directly."""
+    def _launch_warm(self, plan: LaunchPlan, rb: _Rollback, st: JobState, warm: _Warm, skel: _Skeleton,
+                     plan_json: dict[str, Any]) -> _Job:
+        """The launch through a warm slot: the init exists and sits in its cgroup, the state and scratch dirs
+        exist with their files open; they are renamed into place and the init gets the plan directly."""
+        rb.do("state", lambda: linux.rename_noreplace(skel.state_dir, st.dir), st.remove)
+        rb.do("state", lambda: os.write(skel.plan_fd, json.dumps(plan_json).encode()))
+        rb.do("scratch", lambda: linux.rename_noreplace(skel.scratch_dir, plan.scratch_dir),
+              lambda: shutil.rmtree(plan.scratch_dir, ignore_errors=True))
+        rb.do("scratch", lambda: _own_scratch(plan, skel.mount_dirs))
+        if plan.child.rootfs is not None:
+            rb.do("rootfs", lambda: self._check_rootfs(plan))
+        netns_fd: int = rb.do("netns", lambda: _open_netns(plan.netns_path))
         ctl = warm.ctl
         try:
-            rb.do("spawn", lambda: protocol.send(ctl, {"plan": plan.child.to_json()}, fds))
+            rb.do("spawn", lambda: protocol.send(ctl, {"plan": plan.child.to_json()},
+                                                 [netns_fd, *skel.stdio, skel.status_fd]))
         finally:
-            close_fds()
-        rb.do("spawn", lambda: st.write_init(InitIdentity(warm.pid, linux.proc_starttime(warm.pid) or 0)))
+            os.close(netns_fd)
+        rb.do("spawn", lambda: os.write(skel.pid_fd, json.dumps(
+            {"pid": warm.pid, "starttime": linux.proc_starttime(warm.pid) or 0}).encode()))
+        skel.close()
         stash: list[dict[str, Any]] = []
         ready = self._expect(ctl, "mount", "ready", plan, stash)
         log.debug("job %s: in-namespace steps (ms): %s", plan.job_id, ready.get("ms"))
@@ -612,12 +688,15 @@ class JobRuntime:
             if cg is not None:
                 log.warning("job %s: removing a cgroup without a job", job_id)
                 _destroy_cgroup(cg)
-        with contextlib.suppress(FileNotFoundError):
-            for d in self.settings.scratch_root.iterdir():
-                if d.name not in known and d.is_dir():
+        for root in (self.settings.scratch_root, self.settings.state_dir):
+            with contextlib.suppress(FileNotFoundError):
+                for d in root.iterdir():
+                    if d.name in known or not d.is_dir():
+                        continue
                     with self._lock:
-                        busy = d.name in self._launching or d.name in self._jobs
-                    if not busy:
+                        busy = (d.name in self._launching or d.name in self._jobs
+                                or d.name.lstrip(".") in self._warm_names)
+                    if not busy and (root == self.settings.scratch_root or d.name.startswith(".")):
                         shutil.rmtree(d, ignore_errors=True)
         return exits
 
@@ -647,6 +726,17 @@ class JobRuntime:
 
 
 # -- helpers ---------------------------------------------------------------------------------------------
+
+
+def _own_scratch(plan: LaunchPlan, made: tuple[str, ...]) -> None:
+    """Give a pre-made scratch dir to the job's uid/gid; make the MOUNT_UNDER_SCRATCH dirs it lacks."""
+    uid, gid = plan.child.uid, plan.child.gid
+    os.chown(plan.scratch_dir, uid, gid)
+    for b in plan.child.binds:
+        if Path(b.source).name not in made:
+            os.mkdir(b.source, 0o1777)
+            os.chmod(b.source, 0o1777)
+        os.chown(b.source, uid, gid)
 
 
 def _open_netns(path: Path) -> int:

@@ -80,6 +80,6 @@ class JobState:
 
 def list_job_ids(state_root: Path) -> list[str]:
     try:
-        return sorted(p.name for p in state_root.iterdir() if p.is_dir())
+        return sorted(p.name for p in state_root.iterdir() if p.is_dir() and not p.name.startswith("."))
     except FileNotFoundError:
         return []
