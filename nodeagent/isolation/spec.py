@@ -95,7 +95,7 @@ class RuntimeSettings:
     dev_shm_size: str = "64m"
     # pre-forked job inits kept attached to a cgroup with the default limits (0: none); jobs with the default
     # limits launch through them (no fork, no cgroup creation or migration on the launch path)
-    warm_slots: int = 1  # the job's private /dev/shm (tmpfs, charged to the job's memory cgroup)
+    warm_slots: int = 2  # the job's private /dev/shm (tmpfs, charged to the job's memory cgroup)
 
 
 @dataclass(frozen=True)
