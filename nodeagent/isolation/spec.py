@@ -92,10 +92,10 @@ class RuntimeSettings:
     # host paths a job without its own rootfs must not see (scratch_root and state_dir always are): each is
     # covered by an empty read-only tmpfs in the job's mount namespace (e.g. the agent's own state dir)
     hidden_paths: tuple[Path, ...] = ()
-    dev_shm_size: str = "64m"
+    dev_shm_size: str = "64m"  # the job's private /dev/shm (tmpfs, charged to the job's memory cgroup)
     # pre-forked job inits kept attached to a cgroup with the default limits (0: none); jobs with the default
     # limits launch through them (no fork, no cgroup creation or migration on the launch path)
-    warm_slots: int = 2  # the job's private /dev/shm (tmpfs, charged to the job's memory cgroup)
+    warm_slots: int = 2
 
 
 @dataclass(frozen=True)
