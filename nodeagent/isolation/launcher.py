@@ -126,7 +126,7 @@ def _init(plan: ChildPlan, fds: JobFds, last_cap: int) -> int:
 
     def forward(sig: int, _frame: object) -> None:
         if state["main"]:
-            with contextlib.suppress(ProcessLookupError):
+            with contextlib.suppress(OSError):  # a signal handler of PID 1 must never raise
                 os.kill(-state["main"], sig)
 
     def on_timeout(_sig: int, _frame: object) -> None:
@@ -134,11 +134,12 @@ def _init(plan: ChildPlan, fds: JobFds, last_cap: int) -> int:
         if not plan.wall_time_s:
             return
         left = state["deadline"] - time.monotonic()
-        if left > 0:  # a forged or early SIGALRM: re-arm for the real remainder
-            signal.setitimer(signal.ITIMER_REAL, max(left, 0.002))
+        if left > 0:  # a forged or early SIGALRM (or one before the timer is even armed): ignore / re-arm
+            if left != float("inf"):
+                signal.setitimer(signal.ITIMER_REAL, max(left, 0.002))
             return
         state["timed_out"] = True
-        with contextlib.suppress(ProcessLookupError):
+        with contextlib.suppress(OSError):
             os.kill(-1, signal.SIGKILL)  # from PID 1: every process of the namespace but us
 
     for sig in FORWARDED:
