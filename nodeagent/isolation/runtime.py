@@ -780,12 +780,22 @@ def _default_cgroup_limits() -> Any:
     return CgroupLimits()
 
 
-def _destroy_cgroup(cg: JobCgroupLike) -> None:
-    with contextlib.suppress(Exception):
-        cg.kill_all()
-    with contextlib.suppress(Exception):
-        cg.wait_empty(2.0)
-    cg.destroy()
+def _destroy_cgroup(cg: JobCgroupLike, timeout: float = 3.0) -> None:
+    """Kill what is left, wait for the cgroup to empty (a killed process stays in a v1 cgroup until reaped),
+    remove it; retried until `timeout`, then the last error is raised."""
+    end = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(Exception):
+            cg.kill_all()
+        with contextlib.suppress(Exception):
+            cg.wait_empty(0.5)
+        try:
+            cg.destroy()
+            return
+        except Exception:
+            if time.monotonic() > end:
+                raise
+            time.sleep(0.02)
 
 
 def _exit_of(job_id: str, st: JobState, cg: JobCgroupLike | None, stop_requested: bool) -> JobExit:

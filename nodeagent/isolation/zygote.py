@@ -193,6 +193,9 @@ def _spawn(msg: dict[str, object], fds: list[int], own_pidns: int, last_cap: int
 
 def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # reap job inits as soon as they exit: on cgroup v1 a zombie still counts in its cgroup, so a late reap
+    # would delay removing that cgroup (children reset SIGCHLD to the default)
+    signal.signal(signal.SIGCHLD, lambda _s, _f: _reap())
     fd = int(sys.argv[1])
     serve(socket.socket(fileno=fd))
 

@@ -85,12 +85,18 @@ def make_settings(workdir: Path, parent: str, **kw: Any) -> RuntimeSettings:
 
 def remove_parent(parent: str) -> None:
     """Safety net: the (empty) parent cgroup in every hierarchy, whatever the manager's close() does."""
+    end = time.monotonic() + 3
     for hier in Path("/sys/fs/cgroup").iterdir():
         d = hier / parent
-        if d.is_dir():
-            for sub in [p for p in d.iterdir() if p.is_dir()]:
-                sub.rmdir()
-            d.rmdir()
+        for sub in [*(p for p in d.iterdir() if p.is_dir()), d] if d.is_dir() else []:
+            while True:
+                try:
+                    sub.rmdir()
+                    break
+                except OSError:
+                    if time.monotonic() > end:
+                        raise
+                    time.sleep(0.05)
 
 
 @pytest.fixture
@@ -110,7 +116,7 @@ def runtime(request: pytest.FixtureRequest, workdir: Path, parent: str) -> Itera
     try:
         yield rt
     finally:
-        for job_id in [*rt.running(), *os.listdir(workdir / "state")]:
+        for job_id in [*rt.running(), *(n for n in os.listdir(workdir / "state") if not n.startswith("."))]:
             rt.cleanup(job_id)
         rt.close()
         assert _gone(zygote), "the zygote outlived close() with no job left"
