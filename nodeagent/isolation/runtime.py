@@ -14,6 +14,11 @@ every step done and raises `SetupFailed(step, cause)`. The zygote is started wit
 be constructed at any time, even after threads or gRPC channels exist; it only needs its own process to stay
 the zygote's parent (do not construct it in a process that then forks without exec).
 
+Warm slots (settings.warm_slots, default 2): a background thread ("jn-warm") keeps pre-forked inits already
+attached to a cgroup with the site's default limits, each with its state and scratch dirs made ahead; a job with
+the default limits launches through one (no fork, no cgroup creation or migration, no inode creation on its
+path). The thread refills only when no launch ran for WARM_QUIET_S.
+
 Thread safety: every public method may be called from any thread; launches run concurrently.
 """
 
