@@ -21,6 +21,26 @@ UNIFIED = ROOT / "unified"
 PY = sys.executable
 CREATED_PARENTS: set[str] = set()
 
+# prints the pid of a daemonized grandchild (double fork + setsid), then sleeps
+DAEMON = (
+    "import os, time\n"
+    "r, w = os.pipe()\n"
+    "if os.fork() == 0:\n"
+    "    os.setsid()\n"
+    "    if os.fork() == 0:\n"
+    "        os.write(w, str(os.getpid()).encode()); time.sleep(600); os._exit(0)\n"
+    "    os._exit(0)\n"
+    "os.wait()\nos.close(w)\nprint(os.read(r, 32).decode(), flush=True)\ntime.sleep(600)\n"
+)
+# forks a child and exits, over and over (the running pid keeps changing); stops by itself after 10 s
+FORK_CHAIN = (
+    "import os, time\n"
+    "end = time.monotonic() + 10\n"
+    "while time.monotonic() < end:\n"
+    "    if os.fork() != 0:\n"
+    "        os._exit(0)\n"
+)
+
 
 def new_parent() -> str:
     name = f"jn-test-{uuid.uuid4().hex[:8]}"

@@ -18,7 +18,7 @@ from nodeagent.isolation.cgroups import (
 )
 from nodeagent.isolation.cgroups.base import is_dead
 
-from .conftest import leftovers
+from .conftest import DAEMON, leftovers
 
 pytestmark = [pytest.mark.root, pytest.mark.cgroups_v1]
 
@@ -107,17 +107,7 @@ def test_fork_bomb_stops_at_pids_max(v1: V1Manager, spawn) -> None:  # type: ign
 
 def test_kill_all_kills_double_forked_grandchild(v1: V1Manager, spawn) -> None:  # type: ignore[no-untyped-def]
     cg = v1.create("dbl", CgroupLimits())
-    daemon = (
-        "import os, time\n"
-        "r, w = os.pipe()\n"
-        "if os.fork() == 0:\n"
-        "    os.setsid()\n"
-        "    if os.fork() == 0:\n"
-        "        os.write(w, str(os.getpid()).encode()); time.sleep(600); os._exit(0)\n"
-        "    os._exit(0)\n"
-        "os.wait()\nos.close(w)\nprint(os.read(r, 32).decode(), flush=True)\ntime.sleep(600)\n"
-    )
-    c = spawn(daemon)
+    c = spawn(DAEMON)
     cg.attach(c.pid)
     c.go()
     grandchild = int(c.line())
