@@ -110,6 +110,7 @@ class V2JobCgroup:
         with f:
             poller = select.poll()
             poller.register(f.fileno(), select.POLLPRI | select.POLLERR)
+            delay = 0.0005  # the kernel rate-limits the notification (about 10 ms): poll short intervals first
             while True:
                 f.seek(0)
                 ev = {k: v for k, _, v in (ln.partition(" ") for ln in f.read().decode().splitlines())}
@@ -118,7 +119,8 @@ class V2JobCgroup:
                 left = end - time.monotonic()
                 if left <= 0:
                     return False
-                poller.poll(min(left, 0.05) * 1000)  # bounded: never rely on the notification alone
+                poller.poll(min(left, delay) * 1000)  # bounded: never rely on the notification alone
+                delay = min(delay * 2, 0.05)
 
     def destroy(self) -> None:
         fs.rmdir(self.path)
