@@ -1,0 +1,215 @@
+"""Execute plan steps. Each step is idempotent: a create that meets EEXIST checks what is there and sets
+what it can (or raises AlreadyExists when the object is not ours to fix); a delete tolerates exactly the
+"already gone" errnos; FDB and neighbour writes are replace/append. A job network that fails half-way is
+rolled back (its namespace file and veth removed), so the next attempt starts clean.
+
+Job network setup, the fast path (no helper processes):
+  1. worker thread: unshare(CLONE_NEWNET), IPv6 off (all/default), bind mount onto <netns_dir>/jnj-<job>,
+     open a netlink socket there, setns back                      (namespaces.Namespaces.create)
+  2. veth jnv<job> in our namespace, its peer eth0 created directly in the job namespace with the job's MAC
+     and MTU (IFLA_NET_NS_FD), IPv6 off on the host end, host end on the group bridge and up
+  3. through the job namespace's socket: lo up, eth0 up, address, default route via the gateway
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+from nodeagent import names
+from nodeagent.kernel.errors import AlreadyExists, KernelError, NotFound, from_oserror
+from nodeagent.kernel.model import ZERO_MAC, NetSettings
+from nodeagent.kernel.namespaces import Namespaces, write_sysctl
+from nodeagent.kernel.netlink import Netlink
+from nodeagent.kernel.observe import LOOPBACK_IFINDEX
+from nodeagent.kernel.steps import (
+    AddFloodEntry,
+    ConfigureJob,
+    CreateBridge,
+    CreateJobNetwork,
+    CreateVxlan,
+    DeleteFdb,
+    DeleteJobNetwork,
+    DeleteLink,
+    DeleteNeigh,
+    JobNetSpec,
+    ReplaceFdb,
+    ReplaceNeigh,
+    SetLink,
+    Step,
+)
+
+JOB_SYSCTLS = {"ipv6/conf/all/disable_ipv6": "1", "ipv6/conf/default/disable_ipv6": "1"}
+
+
+def _ipv6_off(ifname: str, netns: str) -> None:
+    """disable_ipv6 on one link of the calling thread's namespace (no-op on a kernel without IPv6)."""
+    if os.path.isdir("/proc/sys/net/ipv6"):
+        write_sysctl(f"ipv6/conf/{ifname}/disable_ipv6", "1", netns)
+
+
+class Applier:
+    """Applies steps in the agent's namespace (`nl`) and in job namespaces (`namespaces`). Keeps a cache
+    of ifindex by name; `reset_index` replaces it after a full observation."""
+
+    def __init__(self, settings: NetSettings, nl: Netlink, namespaces: Namespaces) -> None:
+        self.s = settings
+        self.nl = nl
+        self.ns = namespaces
+        self._index: dict[str, int] = {}
+
+    def reset_index(self, index: dict[str, int]) -> None:
+        self._index = dict(index)
+
+    def index(self, ifname: str) -> int:
+        """ifindex of a link in the agent's namespace; NotFound when it does not exist."""
+        idx = self._index.get(ifname)
+        if idx is None:
+            rec = self.nl.link(ifname)
+            if rec is None:
+                raise NotFound("look up link", ifname, self.nl.netns, 19, "no such device")
+            idx = self._index[ifname] = rec.index
+        return idx
+
+    def _forget(self, ifname: str) -> None:
+        self._index.pop(ifname, None)
+
+    def job_netns_path(self, netns: str) -> Path:
+        return self.s.netns_dir / netns
+
+    # -- dispatch ---------------------------------------------------------------------------------
+
+    def apply(self, step: Step) -> None:
+        match step:
+            case DeleteJobNetwork():
+                self._delete_job(step)
+            case DeleteLink(ifname=ifname):
+                self.nl.delete_link(ifname)
+                self._forget(ifname)
+            case DeleteFdb(dev=dev, mac=mac, dst=dst):
+                idx = self._index_or_none(dev)
+                if idx is not None:
+                    self.nl.fdb_delete(dev, idx, mac, dst)
+            case DeleteNeigh(dev=dev, ip=ip):
+                idx = self._index_or_none(dev)
+                if idx is not None:
+                    self.nl.neigh_delete(dev, idx, ip)
+            case CreateBridge():
+                self._create_bridge(step)
+            case CreateVxlan():
+                self._create_vxlan(step)
+            case SetLink(ifname=ifname, mtu=mtu, master=master, up=up):
+                self.nl.set_link(ifname, self.index(ifname), mtu=mtu, master=self.index(master) if master else 0,
+                                 state="up" if up else "down")
+            case AddFloodEntry(dev=dev, dst=dst):
+                with contextlib.suppress(AlreadyExists):  # that destination is in the flood list already
+                    self.nl.fdb_append(dev, self.index(dev), ZERO_MAC, dst)
+            case ReplaceFdb(dev=dev, mac=mac, dst=dst):
+                self.nl.fdb_replace(dev, self.index(dev), mac, dst)
+            case ReplaceNeigh(dev=dev, ip=ip, mac=mac):
+                self.nl.neigh_replace(dev, self.index(dev), ip, mac)
+            case CreateJobNetwork(job=spec):
+                self._create_job(spec)
+            case ConfigureJob(job=spec, recreate_veth=recreate):
+                self._configure_job(spec, recreate)
+
+    def _index_or_none(self, ifname: str) -> int | None:
+        try:
+            return self.index(ifname)
+        except NotFound:
+            return None
+
+    # -- group devices ----------------------------------------------------------------------------
+
+    def _create_bridge(self, step: CreateBridge) -> None:
+        try:
+            self.nl.create_bridge(step.ifname, step.mtu)
+        except AlreadyExists:
+            rec = self.nl.link(step.ifname)
+            if rec is None or rec.kind != "bridge":
+                raise
+            self.nl.set_link(step.ifname, rec.index, mtu=step.mtu, state="up")
+        self._forget(step.ifname)
+
+    def _create_vxlan(self, step: CreateVxlan) -> None:
+        master = self.index(step.bridge)
+        try:
+            self.nl.create_vxlan(step.ifname, vni=step.vni, mtu=step.mtu, local=self.s.underlay_ip,
+                                 link=self.index(self.s.underlay_ifname), port=self.s.vxlan_port, master=master)
+        except AlreadyExists:
+            rec = self.nl.link(step.ifname)
+            if rec is None or rec.kind != "vxlan" or rec.data.get("IFLA_VXLAN_ID") != step.vni:
+                raise
+            self.nl.set_link(step.ifname, rec.index, mtu=step.mtu, master=master, state="up")
+        self._forget(step.ifname)
+
+    # -- job networks -----------------------------------------------------------------------------
+
+    def _delete_job(self, step: DeleteJobNetwork) -> None:
+        # The host end first: the veth goes now even if a process still pins the namespace.
+        self.nl.delete_link(step.host_ifname)
+        self._forget(step.host_ifname)
+        self.ns.remove(self.job_netns_path(step.netns))
+
+    def _create_job(self, spec: JobNetSpec) -> None:
+        path = self.job_netns_path(spec.netns)
+        try:
+            fd = self.ns.create(path, JOB_SYSCTLS)
+        except AlreadyExists:
+            # A namespace file our model did not know of (e.g. a failed step): make it right in place.
+            self._configure_job(spec, recreate_veth=True)
+            return
+        try:
+            with Netlink(spec.netns, fileno=fd) as job_nl:
+                self._make_veth(spec, path)
+                self._configure_inside(job_nl, spec)
+        except BaseException:
+            with contextlib.suppress(KernelError):  # the original error matters; a full reconcile cleans up
+                self._delete_job(DeleteJobNetwork(spec.job_id, spec.netns, spec.host_ifname))
+            raise
+
+    def _configure_job(self, spec: JobNetSpec, recreate_veth: bool) -> None:
+        path = self.job_netns_path(spec.netns)
+        fd = self.ns.enter(path, JOB_SYSCTLS)
+        with Netlink(spec.netns, fileno=fd) as job_nl:
+            if recreate_veth:
+                self.nl.delete_link(spec.host_ifname)
+                self._forget(spec.host_ifname)
+                job_nl.delete_link(names.JOB_IFNAME)
+                self._make_veth(spec, path)
+            else:
+                idx = self.index(spec.host_ifname)
+                self.nl.set_link(spec.host_ifname, idx, mtu=spec.mtu, master=self.index(spec.bridge), state="up")
+                eth0 = job_nl.link(names.JOB_IFNAME)
+                if eth0 is None:
+                    raise NotFound("look up link", names.JOB_IFNAME, spec.netns, 19, "no such device")
+                job_nl.set_link(names.JOB_IFNAME, eth0.index, address=spec.mac, mtu=spec.mtu)
+                want = (spec.ip, spec.prefixlen)
+                for a in job_nl.addrs():
+                    if a.ifindex == eth0.index and (a.address, a.prefixlen) != want:
+                        job_nl.addr_delete(names.JOB_IFNAME, eth0.index, a.address, a.prefixlen)
+            self._configure_inside(job_nl, spec)
+
+    def _make_veth(self, spec: JobNetSpec, path: Path) -> None:
+        try:
+            ns_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise from_oserror("open netns", str(path), self.nl.netns, e) from e
+        try:
+            self.nl.create_veth(spec.host_ifname, mtu=spec.mtu, peer_ifname=names.JOB_IFNAME, peer_netns_fd=ns_fd,
+                                peer_mac=spec.mac, peer_netns=spec.netns)
+        finally:
+            os.close(ns_fd)
+        _ipv6_off(spec.host_ifname, self.nl.netns)
+        self.nl.set_link(spec.host_ifname, self.index(spec.host_ifname), master=self.index(spec.bridge), state="up")
+
+    @staticmethod
+    def _configure_inside(job_nl: Netlink, spec: JobNetSpec) -> None:
+        job_nl.set_link("lo", LOOPBACK_IFINDEX, state="up")
+        eth0 = job_nl.link(names.JOB_IFNAME)
+        if eth0 is None:
+            raise NotFound("look up link", names.JOB_IFNAME, spec.netns, 19, "no such device")
+        job_nl.set_link(names.JOB_IFNAME, eth0.index, state="up")
+        job_nl.addr_replace(names.JOB_IFNAME, eth0.index, spec.ip, spec.prefixlen)
+        job_nl.default_route_replace(names.JOB_IFNAME, eth0.index, spec.gateway)

@@ -1,0 +1,109 @@
+"""What the kernel of one node holds that is ours, as plain data (`Observed`), and the settings of the
+kernel layer. Pure: no kernel access here; `observe.py` fills it in, `plan.py` reads it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class NetSettings:
+    """netns_dir: where job network namespace files live (jnj-<job>); underlay_ifname / underlay_ip: the
+    node's underlay link and address (VXLAN local end); vxlan_port: UDP destination port."""
+
+    netns_dir: Path
+    underlay_ifname: str
+    underlay_ip: str
+    vxlan_port: int = 4789
+
+
+@dataclass(frozen=True)
+class VxlanAttrs:
+    vni: int
+    local: str
+    link: str  # ifname of the underlay link ("" if none or unknown)
+    port: int
+    learning: bool
+    proxy: bool
+
+
+@dataclass(frozen=True)
+class BridgeAttrs:
+    stp: bool
+    forward_delay: int
+    mcast_snooping: bool
+
+
+@dataclass(frozen=True)
+class Link:
+    """One of our links (jnb*, jnx*, jnv*) in the agent's namespace."""
+
+    ifname: str
+    kind: str
+    mtu: int
+    up: bool
+    master: str  # ifname of the master, "" when none
+    vxlan: VxlanAttrs | None = None
+    bridge: BridgeAttrs | None = None
+
+
+@dataclass(frozen=True)
+class FdbEntry:
+    """A VXLAN FDB entry `mac -> dst` on device `dev` (mac 00:00:00:00:00:00: head-end flood entry)."""
+
+    dev: str
+    mac: str
+    dst: str
+
+
+@dataclass(frozen=True)
+class NeighEntry:
+    dev: str
+    ip: str
+    mac: str
+
+
+@dataclass(frozen=True)
+class JobIface:
+    """eth0 inside a job's namespace."""
+
+    mac: str
+    mtu: int
+    up: bool
+    addrs: frozenset[str]  # "ip/prefixlen"
+    gateway: str  # of the default route, "" when none
+
+
+@dataclass(frozen=True)
+class JobNs:
+    """A netns file of ours (<netns_dir>/jnj-<job>). usable: it is a live network namespace we could
+    enter; eth0 None: no eth0 in it."""
+
+    job_id: str
+    usable: bool
+    eth0: JobIface | None = None
+    lo_up: bool = False
+
+
+@dataclass
+class Observed:
+    """Our objects in the kernel. Mutable so that the reconciler can keep it up to date step by step
+    (`plan.advance`) between full observations."""
+
+    links: dict[str, Link] = field(default_factory=dict)
+    fdb: dict[tuple[str, str, str], FdbEntry] = field(default_factory=dict)  # by fdb_key()
+    neigh: dict[tuple[str, str], NeighEntry] = field(default_factory=dict)  # by (dev, ip)
+    jobs: dict[str, JobNs] = field(default_factory=dict)
+
+    def copy(self) -> Observed:
+        return Observed(dict(self.links), dict(self.fdb), dict(self.neigh), dict(self.jobs))
+
+
+ZERO_MAC = "00:00:00:00:00:00"
+
+
+def fdb_key(e: FdbEntry) -> tuple[str, str, str]:
+    """A unicast MAC has one destination per device (replace overwrites it); the all-zeros flood entry has
+    one per destination node."""
+    return (e.dev, e.mac, e.dst if e.mac == ZERO_MAC else "")

@@ -1,0 +1,164 @@
+"""Job network namespaces without helper processes.
+
+A namespace is made by a short-lived worker thread: unshare(CLONE_NEWNET) (per-thread), sysctls written
+through /proc/sys/net (which shows the netns of the writing thread), bind mount of
+/proc/thread-self/ns/net onto `<netns_dir>/jnj-<job>` (the file keeps the namespace alive), a netlink
+socket opened there (a socket stays bound to the namespace it was created in), then setns back to the
+agent's namespace. The calling thread never changes namespace. Python 3.11's `os` has no
+unshare/setns/mount, hence ctypes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno as errno_mod
+import os
+import socket
+import threading
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TypeVar
+
+from nodeagent.kernel.errors import GONE_ERRNOS, KernelError, from_errno, from_oserror
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+
+CLONE_NEWNET = 0x40000000
+MS_BIND = 0x1000
+MNT_DETACH = 0x2
+NETLINK_ROUTE = 0
+
+T = TypeVar("T")
+
+
+def _check(rc: int, op: str, obj: str, netns: str) -> None:
+    if rc != 0:
+        err = ctypes.get_errno()
+        raise from_errno(op, obj, netns, err)
+
+
+def _setns(fd: int, obj: str) -> None:
+    _check(_libc.setns(ctypes.c_int(fd), ctypes.c_int(CLONE_NEWNET)), "setns", obj, obj)
+
+
+def write_sysctl(key: str, value: str, netns: str) -> None:
+    """Write /proc/sys/net/<key> of the CALLING thread's network namespace."""
+    path = f"/proc/sys/net/{key}"
+    try:
+        with open(path, "w") as f:
+            f.write(value)
+    except OSError as e:
+        raise from_oserror("write sysctl", path, netns, e) from e
+
+
+def _netlink_socket() -> int:
+    s = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC, NETLINK_ROUTE)
+    return s.detach()
+
+
+class Namespaces:
+    """Creates, enters (from a worker thread) and removes job network namespace files. `own_fd` is the
+    agent's own network namespace, opened at construction: worker threads return there."""
+
+    def __init__(self, label: str = "agent") -> None:
+        self.label = label
+        self.own_fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+
+    def close(self) -> None:
+        if self.own_fd >= 0:
+            os.close(self.own_fd)
+            self.own_fd = -1
+
+    def _in_thread(self, fn: Callable[[], T]) -> T:
+        result: list[T] = []
+        failure: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                result.append(fn())
+            except BaseException as e:
+                failure.append(e)
+            finally:
+                # Back to the agent's namespace; should that fail, the thread ends anyway and takes the
+                # foreign namespace with it (no later caller runs in it).
+                try:
+                    _setns(self.own_fd, self.label)
+                except KernelError as e:
+                    failure.append(e)
+
+        t = threading.Thread(target=work, name="jn-netns", daemon=True)
+        t.start()
+        t.join()
+        if failure:
+            raise failure[0]
+        return result[0]
+
+    def create(self, path: Path, sysctls: Mapping[str, str]) -> int:
+        """Create a new network namespace pinned at `path`, write `sysctls` in it, and return the fd of a
+        netlink route socket bound to it. EEXIST if `path` exists already."""
+        name = path.name
+
+        def work() -> int:
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
+            except OSError as e:
+                raise from_oserror("create netns file", str(path), self.label, e) from e
+            os.close(fd)
+            try:
+                _check(_libc.unshare(ctypes.c_int(CLONE_NEWNET)), "unshare(CLONE_NEWNET) for", name, name)
+                for key, value in sysctls.items():
+                    write_sysctl(key, value, name)
+                _check(_libc.mount(b"/proc/thread-self/ns/net", os.fsencode(path), None,
+                                   ctypes.c_ulong(MS_BIND), None), "bind mount netns onto", str(path), name)
+                return _netlink_socket()
+            except BaseException:
+                try:
+                    _libc.umount2(os.fsencode(path), MNT_DETACH)
+                    os.unlink(path)
+                except OSError:
+                    pass
+                raise
+
+        return self._in_thread(work)
+
+    def enter(self, path: Path, sysctls: Mapping[str, str] | None = None) -> int:
+        """Return the fd of a netlink route socket bound to the namespace at `path` (after writing
+        `sysctls` there). NotFound when the file is missing; InvalidArgument when it is not a netns."""
+        name = path.name
+
+        def work() -> int:
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as e:
+                raise from_oserror("open netns", str(path), self.label, e) from e
+            try:
+                _setns(fd, name)
+            finally:
+                os.close(fd)
+            for key, value in (sysctls or {}).items():
+                write_sysctl(key, value, name)
+            return _netlink_socket()
+
+        return self._in_thread(work)
+
+    def open_fd(self, path: Path) -> int:
+        try:
+            return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise from_oserror("open netns", str(path), self.label, e) from e
+
+    def remove(self, path: Path) -> None:
+        """Unmount and unlink the namespace file; an already missing file or mount is fine. The namespace
+        (and the veth in it) dies once no process or socket holds it any more."""
+        rc = _libc.umount2(os.fsencode(path), ctypes.c_int(MNT_DETACH))
+        if rc != 0:
+            err = ctypes.get_errno()
+            if err not in (errno_mod.EINVAL, *GONE_ERRNOS):  # EINVAL: not a mount point (half-made)
+                raise from_errno("umount netns", str(path), self.label, err)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise from_oserror("unlink netns", str(path), self.label, e) from e

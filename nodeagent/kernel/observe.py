@@ -1,0 +1,104 @@
+"""Read what of ours the kernel holds into `model.Observed`: our links (by name, see nodeagent.names), the
+FDB and neighbour entries on our VXLAN devices, and every job namespace file in netns_dir with the config
+of its eth0 (read through a netlink socket opened inside it). Dumps retry on NLM_F_DUMP_INTR (netlink.py).
+Nothing here changes the kernel."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from nodeagent import names
+from nodeagent.kernel.errors import InvalidArgument, NotFound
+from nodeagent.kernel.model import (
+    BridgeAttrs,
+    FdbEntry,
+    JobIface,
+    JobNs,
+    Link,
+    NeighEntry,
+    Observed,
+    VxlanAttrs,
+    fdb_key,
+)
+from nodeagent.kernel.namespaces import Namespaces
+from nodeagent.kernel.netlink import NTF_SELF, LinkRec, Netlink
+
+JOB_NETNS_PREFIX = names.job_netns("")
+LOOPBACK_IFINDEX = 1
+
+
+def _link(rec: LinkRec, by_index: dict[int, str]) -> Link:
+    vxlan = bridge = None
+    d = rec.data
+    if rec.kind == "vxlan":
+        vxlan = VxlanAttrs(vni=int(d.get("IFLA_VXLAN_ID") or 0), local=str(d.get("IFLA_VXLAN_LOCAL") or ""),
+                           link=by_index.get(int(d.get("IFLA_VXLAN_LINK") or 0), ""),
+                           port=int(d.get("IFLA_VXLAN_PORT") or 0), learning=bool(d.get("IFLA_VXLAN_LEARNING")),
+                           proxy=bool(d.get("IFLA_VXLAN_PROXY")))
+    elif rec.kind == "bridge":
+        bridge = BridgeAttrs(stp=bool(d.get("IFLA_BR_STP_STATE")),
+                             forward_delay=int(d.get("IFLA_BR_FORWARD_DELAY") or 0),
+                             mcast_snooping=bool(d.get("IFLA_BR_MCAST_SNOOPING")))
+    return Link(rec.ifname, rec.kind, rec.mtu, rec.up, by_index.get(rec.master, ""), vxlan=vxlan, bridge=bridge)
+
+
+def observe_node(nl: Netlink) -> tuple[Observed, dict[str, int]]:
+    """Our links, FDB and neighbour entries in the agent's namespace; also every link's ifindex by name
+    (ours and the underlay's), for the applier."""
+    recs = nl.links()
+    by_index = {r.index: r.ifname for r in recs}
+    obs = Observed()
+    vx_index: dict[int, str] = {}
+    for r in recs:
+        if names.is_ours(r.ifname):
+            obs.links[r.ifname] = _link(r, by_index)
+            if r.kind == "vxlan":
+                vx_index[r.index] = r.ifname
+    if vx_index:
+        for f in nl.fdb():
+            dev = vx_index.get(f.ifindex)
+            if dev is not None and f.dst and f.flags & NTF_SELF:
+                e = FdbEntry(dev, f.mac.lower(), f.dst)
+                obs.fdb[fdb_key(e)] = e
+        for n in nl.neighbours():
+            dev = vx_index.get(n.ifindex)
+            if dev is not None:
+                obs.neigh[(dev, n.ip)] = NeighEntry(dev, n.ip, n.mac.lower())
+    return obs, {r.ifname: r.index for r in recs}
+
+
+def observe_job(namespaces: Namespaces, path: Path, job_id: str) -> JobNs:
+    """The state of one job namespace file. Not usable: the file is not a live network namespace."""
+    try:
+        fd = namespaces.enter(path)
+    except (InvalidArgument, NotFound):
+        return JobNs(job_id, usable=False)
+    with Netlink(path.name, fileno=fd) as nl:
+        links = nl.links()
+        eth0 = next((r for r in links if r.ifname == names.JOB_IFNAME), None)
+        lo_up = any(r.index == LOOPBACK_IFINDEX and r.up for r in links)
+        if eth0 is None:
+            return JobNs(job_id, usable=True, eth0=None, lo_up=lo_up)
+        addrs = frozenset(f"{a.address}/{a.prefixlen}" for a in nl.addrs() if a.ifindex == eth0.index)
+        gateway = next((r.gateway for r in nl.routes() if r.dst_len == 0 and r.oif == eth0.index), "")
+    iface = JobIface(eth0.address.lower(), eth0.mtu, eth0.up, addrs, gateway)
+    return JobNs(job_id, usable=True, eth0=iface, lo_up=lo_up)
+
+
+def job_netns_files(netns_dir: Path) -> dict[str, Path]:
+    """Our namespace files in netns_dir, by job id."""
+    out: dict[str, Path] = {}
+    with os.scandir(netns_dir) as it:
+        for entry in it:
+            if entry.name.startswith(JOB_NETNS_PREFIX) and len(entry.name) > len(JOB_NETNS_PREFIX):
+                out[entry.name[len(JOB_NETNS_PREFIX):]] = Path(entry.path)
+    return out
+
+
+def observe(nl: Netlink, namespaces: Namespaces, netns_dir: Path) -> tuple[Observed, dict[str, int]]:
+    """The whole picture: `observe_node` plus every job namespace."""
+    obs, index = observe_node(nl)
+    for job_id, path in sorted(job_netns_files(netns_dir).items()):
+        obs.jobs[job_id] = observe_job(namespaces, path, job_id)
+    return obs, index

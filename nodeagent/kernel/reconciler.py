@@ -1,0 +1,138 @@
+"""The public API of the kernel networking layer, used by the node agent:
+
+    rec = NetworkReconciler(NetSettings(netns_dir=..., underlay_ifname=..., underlay_ip=...))
+    applied = rec.reconcile(desired)            # incremental: plans against the in-memory model
+    applied = rec.reconcile(desired, full=True) # observes the kernel anew and repairs drift
+    rec.job_netns_path(job_id)                  # the namespace file a job's processes setns into
+    rec.close()
+
+Works in the network namespace of the thread that constructs it; call it from ONE thread at a time, in
+that same namespace. The model is what the last full observation saw, advanced by every step applied
+since, so an incremental reconcile costs only the kernel work of what changed (plus a pure diff in
+memory). After any failed step the model is dropped: the next reconcile observes the kernel anew.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from nodeagent import names
+from nodeagent.desired import DesiredState
+from nodeagent.kernel.apply import Applier
+from nodeagent.kernel.errors import ReconcileError, StepFailed
+from nodeagent.kernel.model import NetSettings, Observed
+from nodeagent.kernel.namespaces import Namespaces
+from nodeagent.kernel.netlink import Netlink
+from nodeagent.kernel.observe import observe
+from nodeagent.kernel.plan import advance, plan
+from nodeagent.kernel.steps import (
+    AddFloodEntry,
+    ConfigureJob,
+    CreateBridge,
+    CreateJobNetwork,
+    CreateVxlan,
+    DeleteFdb,
+    DeleteNeigh,
+    ReplaceFdb,
+    ReplaceNeigh,
+    SetLink,
+    Step,
+)
+
+__all__ = ["NetSettings", "NetworkReconciler", "ReconcileError", "Step"]
+
+log = logging.getLogger("jobnet.agent.kernel")
+
+
+class DependencyFailed(Exception):
+    """A step was not attempted because the device it needs failed to be made in this pass."""
+
+
+def _needs(step: Step) -> tuple[str, ...]:
+    """The devices (made by earlier steps of the same pass) a step needs."""
+    match step:
+        case CreateVxlan(bridge=bridge):
+            return (bridge,)
+        case SetLink(master=master):
+            return (master,) if master else ()
+        case AddFloodEntry(dev=dev) | ReplaceFdb(dev=dev) | ReplaceNeigh(dev=dev) | DeleteFdb(dev=dev) | DeleteNeigh(
+                dev=dev):
+            return (dev,)
+        case CreateJobNetwork(job=spec) | ConfigureJob(job=spec):
+            return (spec.bridge,)
+    return ()
+
+
+def _makes(step: Step) -> str:
+    """The device a step makes (that later steps may need)."""
+    match step:
+        case CreateBridge(ifname=ifname) | CreateVxlan(ifname=ifname):
+            return ifname
+    return ""
+
+
+class NetworkReconciler:
+    def __init__(self, settings: NetSettings) -> None:
+        settings.netns_dir.mkdir(parents=True, exist_ok=True)
+        self.settings = settings
+        self._label = os.readlink("/proc/thread-self/ns/net")  # e.g. net:[4026532301], names it in errors
+        self._netns_ino = os.stat("/proc/thread-self/ns/net").st_ino
+        self._ns = Namespaces(self._label)
+        try:
+            self._nl = Netlink(self._label)
+        except BaseException:
+            self._ns.close()
+            raise
+        self._applier = Applier(settings, self._nl, self._ns)
+        self._model: Observed | None = None
+
+    def job_netns_path(self, job_id: str) -> Path:
+        return self.settings.netns_dir / names.job_netns(job_id)
+
+    def close(self) -> None:
+        self._nl.close()
+        self._ns.close()
+
+    def observed(self) -> Observed:
+        """A copy of the current model (observing the kernel if there is none)."""
+        return self._observe().copy() if self._model is None else self._model.copy()
+
+    def _observe(self) -> Observed:
+        obs, index = observe(self._nl, self._ns, self.settings.netns_dir)
+        self._applier.reset_index(index)
+        self._model = obs
+        return obs
+
+    def reconcile(self, desired: DesiredState, full: bool = False) -> list[Step]:
+        """Make the kernel match `desired`; return the steps applied. Raises ReconcileError (carrying each
+        failed step with its typed cause, and the steps that were applied) when some steps failed."""
+        if os.stat("/proc/thread-self/ns/net").st_ino != self._netns_ino:
+            raise RuntimeError(f"reconcile called from another network namespace than {self._label}")
+        model = self._observe() if full or self._model is None else self._model
+        steps = plan(desired, model, self.settings)
+        applied: list[Step] = []
+        failures: list[StepFailed] = []
+        broken: set[str] = set()
+        for step in steps:
+            missing = [d for d in _needs(step) if d in broken]
+            if missing:
+                failures.append(StepFailed(step, DependencyFailed(f"{', '.join(missing)} could not be made")))
+                continue
+            try:
+                self._applier.apply(step)
+            except Exception as e:
+                log.warning("network step %s failed: %s", step, e)
+                failures.append(StepFailed(step, e))
+                made = _makes(step)
+                if made:
+                    broken.add(made)
+                continue
+            log.debug("network step %s applied", step)
+            advance(model, step, self.settings)
+            applied.append(step)
+        if failures:
+            self._model = None
+            raise ReconcileError(failures, applied)
+        return applied

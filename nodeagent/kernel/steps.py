@@ -1,0 +1,112 @@
+"""Plan steps: small, frozen, self-describing units of kernel work. Each carries everything `apply` needs
+(names included), so a failed step can be reported exactly and retried."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class JobNetSpec:
+    """The network of one local job: eth0 (mac, ip/prefixlen, mtu, default route via gateway) in
+    namespace `netns`, host end `host_ifname` on `bridge`."""
+
+    job_id: str
+    netns: str  # file name under netns_dir
+    host_ifname: str
+    bridge: str
+    mac: str
+    ip: str
+    prefixlen: int
+    gateway: str
+    mtu: int
+
+
+@dataclass(frozen=True)
+class DeleteJobNetwork:
+    job_id: str
+    netns: str
+    host_ifname: str
+
+
+@dataclass(frozen=True)
+class DeleteLink:
+    """A link of ours that is not wanted (a group's vxlan or bridge, a stray job veth), or malformed
+    (recreated afterwards)."""
+
+    ifname: str
+
+
+@dataclass(frozen=True)
+class DeleteNeigh:
+    dev: str
+    ip: str
+    mac: str
+
+
+@dataclass(frozen=True)
+class DeleteFdb:
+    dev: str
+    mac: str
+    dst: str
+
+
+@dataclass(frozen=True)
+class CreateBridge:
+    ifname: str
+    mtu: int
+
+
+@dataclass(frozen=True)
+class CreateVxlan:
+    ifname: str
+    vni: int
+    bridge: str
+    mtu: int
+
+
+@dataclass(frozen=True)
+class SetLink:
+    """Repair mtu / master / up of an existing link of ours."""
+
+    ifname: str
+    mtu: int
+    master: str
+    up: bool
+
+
+@dataclass(frozen=True)
+class AddFloodEntry:
+    dev: str
+    dst: str
+
+
+@dataclass(frozen=True)
+class ReplaceFdb:
+    dev: str
+    mac: str
+    dst: str
+
+
+@dataclass(frozen=True)
+class ReplaceNeigh:
+    dev: str
+    ip: str
+    mac: str
+
+
+@dataclass(frozen=True)
+class CreateJobNetwork:
+    job: JobNetSpec
+
+
+@dataclass(frozen=True)
+class ConfigureJob:
+    """Bring an existing job namespace back to its spec; recreate_veth when an end of the veth is gone."""
+
+    job: JobNetSpec
+    recreate_veth: bool
+
+
+Step = (DeleteJobNetwork | DeleteLink | DeleteNeigh | DeleteFdb | CreateBridge
+        | CreateVxlan | SetLink | AddFloodEntry | ReplaceFdb | ReplaceNeigh | CreateJobNetwork | ConfigureJob)
