@@ -6,8 +6,9 @@ rolled back (its namespace file and veth removed), so the next attempt starts cl
 Job network setup, the fast path (no helper processes):
   1. worker thread: unshare(CLONE_NEWNET), IPv6 off (all/default), bind mount onto <netns_dir>/jnj-<job>,
      open a netlink socket there, setns back                      (namespaces.Namespaces.create)
-  2. veth jnv<job> in our namespace, its peer eth0 created directly in the job namespace with the job's MAC
-     and MTU (IFLA_NET_NS_FD), IPv6 off on the host end, host end on the group bridge and up
+  2. veth jnv<job> on the group bridge in our namespace, its peer eth0 created directly in the job
+     namespace (IFLA_NET_NS_FD) with the job's MAC, the MTU and ifindex 2 (no lookups needed); IPv6 off
+     on the host end, then up
   3. through the job namespace's socket: lo up, eth0 up, address, default route via the gateway
 """
 
@@ -40,6 +41,7 @@ from nodeagent.kernel.steps import (
     Step,
 )
 
+FRESH_NS_ETH0_INDEX = 2  # a new namespace has only lo (ifindex 1): eth0 is created with ifindex 2
 JOB_SYSCTLS = {"ipv6/conf/all/disable_ipv6": "1", "ipv6/conf/default/disable_ipv6": "1"}
 
 
@@ -147,8 +149,8 @@ class Applier:
     # -- job networks -----------------------------------------------------------------------------
 
     def _delete_job(self, step: DeleteJobNetwork) -> None:
-        # The host end first: the veth goes now even if a process still pins the namespace.
-        self.nl.delete_link(step.host_ifname)
+        # Only the namespace file: the veth dies with the namespace, in the kernel's own (asynchronous,
+        # batched) cleanup; deleting it here would wait for an RCU grace period per job.
         self._forget(step.host_ifname)
         self.ns.remove(self.job_netns_path(step.netns))
 
@@ -157,15 +159,16 @@ class Applier:
         try:
             fd = self.ns.create(path, JOB_SYSCTLS)
         except AlreadyExists:
-            # A namespace file our model did not know of (e.g. a failed step): make it right in place.
+            # A namespace file our model did not know of (e.g. after a failed step): fix it in place.
             self._configure_job(spec, recreate_veth=True)
             return
         try:
             with Netlink(spec.netns, fileno=fd) as job_nl:
-                self._make_veth(spec, path)
-                self._configure_inside(job_nl, spec)
+                self._make_veth(spec, path, peer_index=FRESH_NS_ETH0_INDEX)
+                self._configure_inside(job_nl, spec, FRESH_NS_ETH0_INDEX)
         except BaseException:
             with contextlib.suppress(KernelError):  # the original error matters; a full reconcile cleans up
+                self.nl.delete_link(spec.host_ifname)
                 self._delete_job(DeleteJobNetwork(spec.job_id, spec.netns, spec.host_ifname))
             raise
 
@@ -179,37 +182,44 @@ class Applier:
                 job_nl.delete_link(names.JOB_IFNAME)
                 self._make_veth(spec, path)
             else:
-                idx = self.index(spec.host_ifname)
-                self.nl.set_link(spec.host_ifname, idx, mtu=spec.mtu, master=self.index(spec.bridge), state="up")
-                eth0 = job_nl.link(names.JOB_IFNAME)
-                if eth0 is None:
-                    raise NotFound("look up link", names.JOB_IFNAME, spec.netns, 19, "no such device")
-                job_nl.set_link(names.JOB_IFNAME, eth0.index, address=spec.mac, mtu=spec.mtu)
-                want = (spec.ip, spec.prefixlen)
-                for a in job_nl.addrs():
-                    if a.ifindex == eth0.index and (a.address, a.prefixlen) != want:
-                        job_nl.addr_delete(names.JOB_IFNAME, eth0.index, a.address, a.prefixlen)
-            self._configure_inside(job_nl, spec)
+                self.nl.set_link_by_name(spec.host_ifname, mtu=spec.mtu, master=self.index(spec.bridge), state="up")
+            eth0 = job_nl.link(names.JOB_IFNAME)
+            if eth0 is None:
+                raise NotFound("look up link", names.JOB_IFNAME, spec.netns, 19, "no such device")
+            job_nl.set_link(names.JOB_IFNAME, eth0.index, address=spec.mac, mtu=spec.mtu)
+            want = (spec.ip, spec.prefixlen)
+            for a in job_nl.addrs():
+                if a.ifindex == eth0.index and (a.address, a.prefixlen) != want:
+                    job_nl.addr_delete(names.JOB_IFNAME, eth0.index, a.address, a.prefixlen)
+            self._configure_inside(job_nl, spec, eth0.index)
 
-    def _make_veth(self, spec: JobNetSpec, path: Path) -> None:
+    def _make_veth(self, spec: JobNetSpec, path: Path, peer_index: int = 0) -> None:
         try:
             ns_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as e:
             raise from_oserror("open netns", str(path), self.nl.netns, e) from e
         try:
-            self.nl.create_veth(spec.host_ifname, mtu=spec.mtu, peer_ifname=names.JOB_IFNAME, peer_netns_fd=ns_fd,
-                                peer_mac=spec.mac, peer_netns=spec.netns)
+            for attempt in (1, 2):
+                try:
+                    self.nl.create_veth(spec.host_ifname, mtu=spec.mtu, master=self.index(spec.bridge),
+                                        peer_ifname=names.JOB_IFNAME, peer_netns_fd=ns_fd, peer_mac=spec.mac,
+                                        peer_netns=spec.netns, peer_index=peer_index)
+                    break
+                except AlreadyExists:
+                    # A veth of that name outlived its namespace file (a process pinned the namespace, or
+                    # the kernel has not finished cleaning it up): it is ours and stale.
+                    if attempt == 2:
+                        raise
+                    self.nl.delete_link(spec.host_ifname)
         finally:
             os.close(ns_fd)
-        _ipv6_off(spec.host_ifname, self.nl.netns)
-        self.nl.set_link(spec.host_ifname, self.index(spec.host_ifname), master=self.index(spec.bridge), state="up")
+        self._forget(spec.host_ifname)
+        _ipv6_off(spec.host_ifname, self.nl.netns)  # before up: no link-local address, DAD, RS or MLD
+        self.nl.set_link_by_name(spec.host_ifname, state="up")
 
     @staticmethod
-    def _configure_inside(job_nl: Netlink, spec: JobNetSpec) -> None:
+    def _configure_inside(job_nl: Netlink, spec: JobNetSpec, eth0_index: int) -> None:
         job_nl.set_link("lo", LOOPBACK_IFINDEX, state="up")
-        eth0 = job_nl.link(names.JOB_IFNAME)
-        if eth0 is None:
-            raise NotFound("look up link", names.JOB_IFNAME, spec.netns, 19, "no such device")
-        job_nl.set_link(names.JOB_IFNAME, eth0.index, state="up")
-        job_nl.addr_replace(names.JOB_IFNAME, eth0.index, spec.ip, spec.prefixlen)
-        job_nl.default_route_replace(names.JOB_IFNAME, eth0.index, spec.gateway)
+        job_nl.set_link(names.JOB_IFNAME, eth0_index, state="up")
+        job_nl.addr_replace(names.JOB_IFNAME, eth0_index, spec.ip, spec.prefixlen)
+        job_nl.default_route_replace(names.JOB_IFNAME, eth0_index, spec.gateway)

@@ -20,10 +20,10 @@ off a recreated device (its entries, its ports' master) is planned anew.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from nodeagent import names
-from nodeagent.desired import DesiredState
+from nodeagent.desired import DesiredState, GroupSpec, LocalJob, RemoteEndpoint
 from nodeagent.kernel.model import (
     ZERO_MAC,
     BridgeAttrs,
@@ -76,93 +76,225 @@ def job_ns(spec: JobNetSpec) -> JobNs:
     return JobNs(spec.job_id, usable=True, eth0=iface, lo_up=True)
 
 
-@dataclass(frozen=True)
+FdbKey = tuple[str, str, str]
+NeighKey = tuple[str, str]
+HOST_VETH_PREFIX = names.host_veth("")
+
+
+@dataclass
 class Wanted:
-    links: dict[str, Link]
-    fdb: dict[tuple[str, str, str], FdbEntry]
-    neigh: dict[tuple[str, str], NeighEntry]
-    jobs: dict[str, JobNetSpec]
+    """Everything of ours that should exist, by the same keys as `Observed`. Built in full by `wanted`,
+    or patched by `update_wanted` with what changed between two desired states."""
+
+    links: dict[str, Link] = field(default_factory=dict)
+    fdb: dict[FdbKey, FdbEntry] = field(default_factory=dict)
+    neigh: dict[NeighKey, NeighEntry] = field(default_factory=dict)
+    jobs: dict[str, JobNetSpec] = field(default_factory=dict)
+    veth_jobs: dict[str, str] = field(default_factory=dict)  # host veth name -> job id
+    flood_refs: dict[FdbKey, int] = field(default_factory=dict)  # flood entry -> endpoints needing it
+
+
+@dataclass
+class Keys:
+    """The keys a plan compares (everything else is known to match)."""
+
+    links: set[str] = field(default_factory=set)
+    fdb: set[FdbKey] = field(default_factory=set)
+    neigh: set[NeighKey] = field(default_factory=set)
+    jobs: set[str] = field(default_factory=set)
+
+
+def job_spec(job: LocalJob, group: GroupSpec) -> JobNetSpec:
+    return JobNetSpec(job_id=job.id, netns=names.job_netns(job.id), host_ifname=names.host_veth(job.id),
+                      bridge=names.bridge(group.vni), mac=job.mac.lower(), ip=job.ip, prefixlen=group.prefixlen,
+                      gateway=group.gateway, mtu=group.mtu)
+
+
+def _add_job(w: Wanted, job: LocalJob, desired: DesiredState, keys: Keys | None) -> None:
+    group = desired.groups.get(job.group)
+    if group is None:
+        return  # the controller sends a job's group with it; until then there is nothing to attach it to
+    spec = job_spec(job, group)
+    w.jobs[job.id] = spec
+    w.links[spec.host_ifname] = host_veth_link(spec)
+    w.veth_jobs[spec.host_ifname] = job.id
+    if keys is not None:
+        keys.jobs.add(job.id)
+        keys.links.add(spec.host_ifname)
+
+
+def _remove_job(w: Wanted, job_id: str, keys: Keys) -> None:
+    spec = w.jobs.pop(job_id, None)
+    keys.jobs.add(job_id)
+    if spec is not None:
+        w.links.pop(spec.host_ifname, None)
+        w.veth_jobs.pop(spec.host_ifname, None)
+        keys.links.add(spec.host_ifname)
+
+
+def _endpoint_entries(ep: RemoteEndpoint, desired: DesiredState,
+                      settings: NetSettings) -> tuple[FdbEntry, FdbEntry, NeighEntry] | None:
+    group = desired.groups.get(ep.group)
+    if group is None or ep.underlay_ip == settings.underlay_ip:
+        return None
+    vx = names.vxlan(group.vni)
+    return (FdbEntry(vx, ZERO_MAC, ep.underlay_ip), FdbEntry(vx, ep.mac.lower(), ep.underlay_ip),
+            NeighEntry(vx, ep.ip, ep.mac.lower()))
+
+
+def _add_endpoint(w: Wanted, ep: RemoteEndpoint, desired: DesiredState, settings: NetSettings,
+                  keys: Keys | None) -> None:
+    entries = _endpoint_entries(ep, desired, settings)
+    if entries is None:
+        return
+    flood, fdb, neigh = entries
+    fk, mk, nk = fdb_key(flood), fdb_key(fdb), (neigh.dev, neigh.ip)
+    w.flood_refs[fk] = w.flood_refs.get(fk, 0) + 1
+    w.fdb[fk] = flood
+    w.fdb[mk] = fdb
+    w.neigh[nk] = neigh
+    if keys is not None:
+        keys.fdb.update((fk, mk))
+        keys.neigh.add(nk)
+
+
+def _remove_endpoint(w: Wanted, ep: RemoteEndpoint, prev: DesiredState, settings: NetSettings,
+                     keys: Keys) -> None:
+    entries = _endpoint_entries(ep, prev, settings)
+    if entries is None:
+        return
+    flood, fdb, neigh = entries
+    fk, mk, nk = fdb_key(flood), fdb_key(fdb), (neigh.dev, neigh.ip)
+    refs = w.flood_refs.get(fk, 0) - 1
+    if refs > 0:
+        w.flood_refs[fk] = refs
+    else:
+        w.flood_refs.pop(fk, None)
+        w.fdb.pop(fk, None)
+    if w.fdb.get(mk) == fdb:
+        del w.fdb[mk]
+    if w.neigh.get(nk) == neigh:
+        del w.neigh[nk]
+    keys.fdb.update((fk, mk))
+    keys.neigh.add(nk)
 
 
 def wanted(desired: DesiredState, settings: NetSettings) -> Wanted:
     """Everything of ours that should exist. Jobs and endpoints whose group is not present here are left
     out, and so are endpoints on our own underlay address."""
-    w = Wanted({}, {}, {}, {})
+    w = Wanted()
     for g in desired.groups.values():
         br, vx = names.bridge(g.vni), names.vxlan(g.vni)
         w.links[br] = bridge_link(br, g.mtu)
         w.links[vx] = vxlan_link(vx, g.vni, br, g.mtu, settings)
     for ep in desired.endpoints.values():
-        group = desired.groups.get(ep.group)
-        if group is None or ep.underlay_ip == settings.underlay_ip:
-            continue
-        vx = names.vxlan(group.vni)
-        for e in (FdbEntry(vx, ZERO_MAC, ep.underlay_ip), FdbEntry(vx, ep.mac.lower(), ep.underlay_ip)):
-            w.fdb[fdb_key(e)] = e
-        w.neigh[(vx, ep.ip)] = NeighEntry(vx, ep.ip, ep.mac.lower())
+        _add_endpoint(w, ep, desired, settings, None)
     for job in desired.jobs.values():
-        group = desired.groups.get(job.group)
-        if group is None:
-            continue
-        spec = JobNetSpec(job_id=job.id, netns=names.job_netns(job.id), host_ifname=names.host_veth(job.id),
-                          bridge=names.bridge(group.vni), mac=job.mac.lower(), ip=job.ip,
-                          prefixlen=group.prefixlen, gateway=group.gateway, mtu=group.mtu)
-        w.jobs[job.id] = spec
-        w.links[spec.host_ifname] = host_veth_link(spec)
+        _add_job(w, job, desired, None)
     return w
+
+
+def update_wanted(w: Wanted, prev: DesiredState, desired: DesiredState, settings: NetSettings) -> Keys | None:
+    """Patch `w` (built for `prev`) into what `desired` wants; return the keys that may have changed.
+    None when the groups changed: build anew with `wanted` then (rare; everything may depend on a group)."""
+    if prev.groups != desired.groups:
+        return None
+    keys = Keys()
+    if prev.jobs is not desired.jobs:
+        for job_id, job in desired.jobs.items():
+            old = prev.jobs.get(job_id)
+            if old is not job and old != job:
+                _remove_job(w, job_id, keys)
+                _add_job(w, job, desired, keys)
+        for job_id in prev.jobs.keys() - desired.jobs.keys():
+            _remove_job(w, job_id, keys)
+    if prev.endpoints is not desired.endpoints:
+        for ep_id, ep in desired.endpoints.items():
+            old_ep = prev.endpoints.get(ep_id)
+            if old_ep is not ep and old_ep != ep:
+                if old_ep is not None:
+                    _remove_endpoint(w, old_ep, prev, settings, keys)
+                _add_endpoint(w, ep, desired, settings, keys)
+        for ep_id in prev.endpoints.keys() - desired.endpoints.keys():
+            _remove_endpoint(w, prev.endpoints[ep_id], prev, settings, keys)
+    return keys
 
 
 # -- the plan --------------------------------------------------------------------------------------
 
 
 def plan(desired: DesiredState, observed: Observed, settings: NetSettings) -> list[Step]:
-    want = wanted(desired, settings)
-    deletes = _deletes(want, observed)
-    after = observed.copy()
+    """All steps that make `observed` into what `desired` wants."""
+    return plan_wanted(wanted(desired, settings), observed, settings, None)
+
+
+def plan_wanted(want: Wanted, observed: Observed, settings: NetSettings, keys: Keys | None) -> list[Step]:
+    """The steps that make `observed` into `want`, comparing only `keys` (None: all). The incremental
+    reconcile passes the keys `update_wanted` touched: its cost is O(change)."""
+    if keys is None:
+        keys = Keys(links=set(observed.links) | set(want.links), fdb=set(observed.fdb) | set(want.fdb),
+                    neigh=set(observed.neigh) | set(want.neigh), jobs=set(observed.jobs) | set(want.jobs))
+    deletes = _deletes(want, observed, keys)
+    after = observed.copy() if deletes else observed
     for step in deletes:
         advance(after, step, settings)
-    return deletes + _creates(want, after)
+    return deletes + _creates(want, after, keys)
 
 
-def _deletes(want: Wanted, observed: Observed) -> list[Step]:
+def _veth_job(ifname: str, want: Wanted) -> str:
+    job = want.veth_jobs.get(ifname)
+    if job is not None:
+        return job
+    return ifname[len(HOST_VETH_PREFIX):] if ifname.startswith(HOST_VETH_PREFIX) else ""
+
+
+def _deletes(want: Wanted, observed: Observed, keys: Keys) -> list[Step]:
     jobs: list[Step] = []
     entries: list[Step] = []
     vxlans: list[Step] = []
     bridges: list[Step] = []
     others: list[Step] = []
-    for job_id, ns in sorted(observed.jobs.items()):
-        if job_id not in want.jobs or not ns.usable:
+    for job_id in sorted(keys.jobs):
+        ns = observed.jobs.get(job_id)
+        if ns is not None and (job_id not in want.jobs or not ns.usable):
             jobs.append(DeleteJobNetwork(job_id, names.job_netns(job_id), names.host_veth(job_id)))
-    veth_job = {names.host_veth(j): j for j in observed.jobs}
     doomed: set[str] = set()
-    for ifname, link in sorted(observed.links.items()):
+    for ifname in sorted(keys.links):
+        link = observed.links.get(ifname)
+        if link is None:
+            continue
         w = want.links.get(ifname)
-        if link.kind == "veth" and ifname in veth_job:
-            job = veth_job[ifname]
-            if job not in want.jobs or not observed.jobs[job].usable:
-                continue  # DeleteJobNetwork above deletes it
+        ns = None
+        if link.kind == "veth":
+            job = _veth_job(ifname, want)
+            ns = observed.jobs.get(job)
+            if ns is not None and (job not in want.jobs or not ns.usable):
+                continue  # goes with its namespace (DeleteJobNetwork above)
         if w is not None and (link.kind, link.vxlan, link.bridge) == (w.kind, w.vxlan, w.bridge) and (
-                link.kind != "veth" or link.ifname in veth_job):
+                link.kind != "veth" or ns is not None):
             continue  # wanted and well-formed (a job veth: and its namespace file exists)
         doomed.add(ifname)
         out = {"veth": jobs, "vxlan": vxlans, "bridge": bridges}.get(link.kind, others)
         out.append(DeleteLink(ifname))
-    for key, e in sorted(observed.fdb.items()):
-        if e.dev not in doomed and want.fdb.get(key) is None:
+    for key in sorted(keys.fdb):
+        e = observed.fdb.get(key)
+        if e is not None and e.dev not in doomed and key not in want.fdb:
             entries.append(DeleteFdb(e.dev, e.mac, e.dst))
-    for nkey, n in sorted(observed.neigh.items()):
-        if n.dev not in doomed and want.neigh.get(nkey) is None:
+    for nkey in sorted(keys.neigh):
+        n = observed.neigh.get(nkey)
+        if n is not None and n.dev not in doomed and nkey not in want.neigh:
             entries.append(DeleteNeigh(n.dev, n.ip, n.mac))
     return jobs + entries + others + vxlans + bridges
 
 
-def _creates(want: Wanted, have: Observed) -> list[Step]:
+def _creates(want: Wanted, have: Observed, keys: Keys) -> list[Step]:
     bridges: list[Step] = []
     vxlans: list[Step] = []
     entries: list[Step] = []
     jobs: list[Step] = []
-    for ifname, w in sorted(want.links.items()):
-        if w.kind == "veth":
+    for ifname in sorted(keys.links):
+        w = want.links.get(ifname)
+        if w is None or w.kind == "veth":
             continue
         out = bridges if w.kind == "bridge" else vxlans
         h = have.links.get(ifname)
@@ -173,13 +305,18 @@ def _creates(want: Wanted, have: Observed) -> list[Step]:
                 out.append(CreateBridge(ifname, w.mtu))
         elif (h.mtu, h.master, h.up) != (w.mtu, w.master, w.up):
             out.append(SetLink(ifname, w.mtu, w.master, w.up))
-    for key, e in sorted(want.fdb.items()):
-        if have.fdb.get(key) != e:
+    for key in sorted(keys.fdb, key=lambda k: (k[0], k[1] != ZERO_MAC, k)):
+        e = want.fdb.get(key)
+        if e is not None and have.fdb.get(key) != e:
             entries.append(AddFloodEntry(e.dev, e.dst) if e.mac == ZERO_MAC else ReplaceFdb(e.dev, e.mac, e.dst))
-    for nkey, n in sorted(want.neigh.items()):
-        if have.neigh.get(nkey) != n:
+    for nkey in sorted(keys.neigh):
+        n = want.neigh.get(nkey)
+        if n is not None and have.neigh.get(nkey) != n:
             entries.append(ReplaceNeigh(n.dev, n.ip, n.mac))
-    for job_id, spec in sorted(want.jobs.items()):
+    for job_id in sorted(keys.jobs):
+        spec = want.jobs.get(job_id)
+        if spec is None:
+            continue
         ns = have.jobs.get(job_id)
         host = have.links.get(spec.host_ifname)
         if ns is None:
@@ -214,9 +351,10 @@ def advance(model: Observed, step: Step, settings: NetSettings) -> None:
                     if lk.master == ifname:
                         model.links[name] = replace(lk, master="")
             elif link.kind == "veth":
-                for job_id, ns in list(model.jobs.items()):
-                    if names.host_veth(job_id) == ifname:
-                        model.jobs[job_id] = replace(ns, eth0=None)
+                job_id = ifname[len(HOST_VETH_PREFIX):]
+                ns = model.jobs.get(job_id)
+                if ns is not None and names.host_veth(job_id) == ifname:
+                    model.jobs[job_id] = replace(ns, eth0=None)  # the peer died with it
         case DeleteFdb(dev=dev, mac=mac, dst=dst):
             e = FdbEntry(dev, mac, dst)
             if model.fdb.get(fdb_key(e)) == e:

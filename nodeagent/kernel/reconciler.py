@@ -26,7 +26,7 @@ from nodeagent.kernel.model import NetSettings, Observed
 from nodeagent.kernel.namespaces import Namespaces
 from nodeagent.kernel.netlink import Netlink
 from nodeagent.kernel.observe import observe
-from nodeagent.kernel.plan import advance, plan
+from nodeagent.kernel.plan import Wanted, advance, plan_wanted, update_wanted, wanted
 from nodeagent.kernel.steps import (
     AddFloodEntry,
     ConfigureJob,
@@ -87,6 +87,8 @@ class NetworkReconciler:
             raise
         self._applier = Applier(settings, self._nl, self._ns)
         self._model: Observed | None = None
+        self._want: Wanted | None = None
+        self._desired: DesiredState | None = None  # the state `_want` was made for
 
     def job_netns_path(self, job_id: str) -> Path:
         return self.settings.netns_dir / names.job_netns(job_id)
@@ -100,6 +102,7 @@ class NetworkReconciler:
         return self._observe().copy() if self._model is None else self._model.copy()
 
     def _observe(self) -> Observed:
+        self._model = None  # should observing fail, the next reconcile tries again
         obs, index = observe(self._nl, self._ns, self.settings.netns_dir)
         self._applier.reset_index(index)
         self._model = obs
@@ -111,7 +114,14 @@ class NetworkReconciler:
         if os.stat("/proc/thread-self/ns/net").st_ino != self._netns_ino:
             raise RuntimeError(f"reconcile called from another network namespace than {self._label}")
         model = self._observe() if full or self._model is None else self._model
-        steps = plan(desired, model, self.settings)
+        keys = None
+        if not full and self._want is not None and self._desired is not None:
+            keys = update_wanted(self._want, self._desired, desired, self.settings)
+        if keys is None:
+            self._want = wanted(desired, self.settings)
+        assert self._want is not None
+        self._desired = desired
+        steps = plan_wanted(self._want, model, self.settings, keys)
         applied: list[Step] = []
         failures: list[StepFailed] = []
         broken: set[str] = set()
@@ -133,6 +143,6 @@ class NetworkReconciler:
             advance(model, step, self.settings)
             applied.append(step)
         if failures:
-            self._model = None
+            self._model = self._want = self._desired = None  # the next reconcile observes and plans in full
             raise ReconcileError(failures, applied)
         return applied
