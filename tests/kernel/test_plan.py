@@ -1,0 +1,198 @@
+"""The pure planner: order of steps, what is (not) touched, repair of drift, and that the incremental
+plan (desired diff) always equals the full plan. No root needed: the model is advanced step by step."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+from pathlib import Path
+
+from nodeagent.desired import DesiredState, GroupSpec, LocalJob, RemoteEndpoint
+from nodeagent.kernel.model import FdbEntry, JobNs, NeighEntry, NetSettings, Observed
+from nodeagent.kernel.plan import advance, plan, plan_wanted, update_wanted, wanted
+from nodeagent.kernel.steps import (
+    AddFloodEntry,
+    ConfigureJob,
+    CreateBridge,
+    CreateJobNetwork,
+    CreateVxlan,
+    DeleteFdb,
+    DeleteJobNetwork,
+    DeleteLink,
+    DeleteNeigh,
+    ReplaceFdb,
+    ReplaceNeigh,
+    SetLink,
+    Step,
+)
+
+S = NetSettings(netns_dir=Path("/nonexistent"), underlay_ifname="jnu0", underlay_ip="198.18.0.1")
+GA = GroupSpec("a", 100, "10.40.0.0/24", "10.40.0.1", 1450)
+GB = GroupSpec("b", 200, "10.41.0.0/24", "10.41.0.1", 1400)
+
+
+def job(i: int, group: GroupSpec = GA) -> LocalJob:
+    net = group.subnet.rsplit(".", 2)[0]
+    return LocalJob(f"{i:010x}", group.name, f"{net}.{i + 2}", f"02:00:00:00:{group.vni % 256:02x}:{i:02x}", ("true",))
+
+
+def ep(i: int, node: int, group: GroupSpec = GA) -> RemoteEndpoint:
+    net = group.subnet.rsplit(".", 2)[0]
+    return RemoteEndpoint(group.name, f"e{i:09x}", f"n{node}", f"198.18.0.{node}", f"{net}.{100 + i}",
+                          f"02:00:00:01:{group.vni % 256:02x}:{i:02x}")
+
+
+def state(groups: list[GroupSpec], jobs: list[LocalJob], eps: list[RemoteEndpoint], rev: int = 1) -> DesiredState:
+    return DesiredState(rev, {g.name: g for g in groups}, {j.id: j for j in jobs}, {e.job_id: e for e in eps})
+
+
+def converge(desired: DesiredState, model: Observed) -> list[Step]:
+    steps = plan(desired, model, S)
+    for s in steps:
+        advance(model, s, S)
+    return steps
+
+
+def test_from_scratch_creates_in_dependency_order_and_converges() -> None:
+    d = state([GA], [job(1)], [ep(1, 2), ep(2, 3), ep(3, 1)])  # ep(3, 1) is on our own underlay address
+    model = Observed()
+    steps = converge(d, model)
+    kinds = [type(s) for s in steps]
+    assert kinds.index(CreateBridge) < kinds.index(CreateVxlan) < kinds.index(AddFloodEntry)
+    assert max(i for i, k in enumerate(kinds) if k in (AddFloodEntry, ReplaceFdb, ReplaceNeigh)) < kinds.index(
+        CreateJobNetwork)
+    assert {s for s in steps if isinstance(s, AddFloodEntry)} == {
+        AddFloodEntry("jnx100", "198.18.0.2"), AddFloodEntry("jnx100", "198.18.0.3")}
+    assert ReplaceFdb("jnx100", ep(1, 2).mac, "198.18.0.2") in steps
+    assert ReplaceNeigh("jnx100", ep(2, 3).ip, ep(2, 3).mac) in steps
+    assert not any(getattr(s, "dst", "") == S.underlay_ip for s in steps)  # never towards ourselves
+    create = next(s for s in steps if isinstance(s, CreateJobNetwork))
+    assert (create.job.bridge, create.job.ip, create.job.prefixlen, create.job.mtu, create.job.gateway) == (
+        "jnb100", job(1).ip, 24, 1450, "10.40.0.1")
+    assert plan(d, model, S) == []
+
+
+def test_flood_entries_only_towards_nodes_hosting_the_group() -> None:
+    d = state([GA, GB], [job(1), job(2, GB)], [ep(1, 2), ep(2, 3, GB), ep(3, 3, GB)])
+    steps = converge(d, Observed())
+    floods = {(s.dev, s.dst) for s in steps if isinstance(s, AddFloodEntry)}
+    assert floods == {("jnx100", "198.18.0.2"), ("jnx200", "198.18.0.3")}
+
+
+def test_removed_group_deletes_jobs_then_vxlan_then_bridge_and_leaves_entries_to_the_device() -> None:
+    model = Observed()
+    converge(state([GA, GB], [job(1), job(2, GB)], [ep(1, 2), ep(2, 3, GB)]), model)
+    steps = converge(state([GB], [job(2, GB)], [ep(2, 3, GB)]), model)
+    assert steps == [DeleteJobNetwork(job(1).id, f"jnj-{job(1).id}", f"jnv{job(1).id}"),
+                     DeleteLink("jnx100"), DeleteLink("jnb100")]
+    assert all(e.dev == "jnx200" for e in model.fdb.values())
+
+
+def test_stale_entries_deleted_and_moved_endpoint_replaced_in_place() -> None:
+    model = Observed()
+    converge(state([GA], [], [ep(1, 2), ep(2, 2)]), model)
+    stray_fdb = FdbEntry("jnx100", "02:aa:00:00:00:01", "198.18.0.9")
+    stray_neigh = NeighEntry("jnx100", "10.40.0.250", "02:aa:00:00:00:01")
+    model.fdb[("jnx100", stray_fdb.mac, "")] = stray_fdb
+    model.neigh[("jnx100", stray_neigh.ip)] = stray_neigh
+    moved = replace(ep(1, 2), node="n4", underlay_ip="198.18.0.4")
+    steps = converge(state([GA], [], [moved, ep(2, 2)]), model)
+    assert DeleteFdb("jnx100", stray_fdb.mac, stray_fdb.dst) in steps
+    assert DeleteNeigh("jnx100", stray_neigh.ip, stray_neigh.mac) in steps
+    assert ReplaceFdb("jnx100", moved.mac, "198.18.0.4") in steps
+    assert AddFloodEntry("jnx100", "198.18.0.4") in steps
+    # ep(2) still lives on node 2: its flood entry stays; the moved MAC is replaced, not deleted first
+    assert not any(isinstance(s, DeleteFdb) and s.dst == "198.18.0.2" for s in steps)
+    steps = converge(state([GA], [], [moved]), model)
+    assert DeleteFdb("jnx100", "00:00:00:00:00:00", "198.18.0.2") in steps
+
+
+def test_malformed_vxlan_is_recreated_with_its_entries() -> None:
+    model = Observed()
+    d = state([GA], [job(1)], [ep(1, 2)])
+    converge(d, model)
+    vx = model.links["jnx100"]
+    assert vx.vxlan is not None
+    model.links["jnx100"] = replace(vx, vxlan=replace(vx.vxlan, learning=True))
+    steps = converge(d, model)
+    assert steps[0] == DeleteLink("jnx100")
+    assert CreateVxlan("jnx100", 100, "jnb100", 1450) in steps
+    assert AddFloodEntry("jnx100", "198.18.0.2") in steps and ReplaceNeigh("jnx100", ep(1, 2).ip, ep(1, 2).mac) in steps
+    assert not any(isinstance(s, (CreateJobNetwork, ConfigureJob)) for s in steps)
+
+
+def test_recreated_bridge_gets_its_ports_back() -> None:
+    model = Observed()
+    d = state([GA], [job(1)], [])
+    converge(d, model)
+    br = model.links["jnb100"]
+    assert br.bridge is not None
+    model.links["jnb100"] = replace(br, bridge=replace(br.bridge, stp=True))
+    steps = converge(d, model)
+    assert steps[:2] == [DeleteLink("jnb100"), CreateBridge("jnb100", 1450)]
+    assert SetLink("jnx100", 1450, "jnb100", True) in steps
+    assert any(isinstance(s, ConfigureJob) and not s.recreate_veth for s in steps)
+
+
+def test_job_drift_repaired() -> None:
+    model = Observed()
+    d = state([GA], [job(1), job(2)], [])
+    converge(d, model)
+    j1, j2 = job(1).id, job(2).id
+    del model.links[f"jnv{j1}"]  # veth deleted by hand
+    eth0 = model.jobs[j2].eth0
+    assert eth0 is not None
+    model.jobs[j2] = replace(model.jobs[j2], eth0=replace(eth0, gateway=""))  # default route deleted
+    steps = plan(d, model, S)
+    assert [(type(s), s.job.job_id, s.recreate_veth) for s in steps if isinstance(s, ConfigureJob)] == [
+        (ConfigureJob, j1, True), (ConfigureJob, j2, False)]
+    model.jobs[j1] = JobNs(j1, usable=False)  # a namespace file that is no namespace any more
+    steps = plan(d, model, S)
+    assert steps.index(DeleteJobNetwork(j1, f"jnj-{j1}", f"jnv{j1}")) < steps.index(
+        next(s for s in steps if isinstance(s, CreateJobNetwork)))
+
+
+def test_stray_job_veth_without_namespace_is_deleted_before_the_job_is_made() -> None:
+    model = Observed()
+    d = state([GA], [job(1)], [])
+    converge(d, model)
+    del model.jobs[job(1).id]  # namespace file gone, veth still there (a process pins the namespace)
+    steps = plan(d, model, S)
+    assert steps == [DeleteLink(f"jnv{job(1).id}"), CreateJobNetwork(steps[1].job)]  # type: ignore[union-attr]
+
+
+def test_group_mtu_change_repairs_devices_and_jobs() -> None:
+    model = Observed()
+    converge(state([GA], [job(1)], []), model)
+    steps = converge(state([replace(GA, mtu=1300)], [job(1)], []), model)
+    assert SetLink("jnb100", 1300, "", True) in steps and SetLink("jnx100", 1300, "jnb100", True) in steps
+    assert any(isinstance(s, ConfigureJob) and s.job.mtu == 1300 for s in steps)
+
+
+def test_job_without_its_group_is_left_alone() -> None:
+    steps = plan(state([], [job(1)], [ep(1, 2)]), Observed(), S)
+    assert steps == []
+
+
+def test_incremental_plan_equals_full_plan() -> None:
+    rng = random.Random(7)
+    jobs = [job(i, rng.choice([GA, GB])) for i in range(30)]
+    eps = [ep(i, rng.choice([2, 3, 4]), rng.choice([GA, GB])) for i in range(40)]
+    prev = state([GA, GB], [], [])
+    model = Observed()
+    converge(prev, model)
+    want = wanted(prev, S)
+    for rev in range(60):
+        cur = state([GA, GB], rng.sample(jobs, rng.randint(0, 12)),
+                    [replace(e, underlay_ip=f"198.18.0.{rng.choice([2, 3, 4])}") if rng.random() < 0.2 else e
+                     for e in rng.sample(eps, rng.randint(0, 15))], rev)
+        keys = update_wanted(want, prev, cur, S)
+        assert keys is not None
+        incremental = plan_wanted(want, model, S, keys)
+        full = plan(cur, model, S)
+        assert sorted(map(repr, incremental)) == sorted(map(repr, full)), rev
+        for s in full:
+            advance(model, s, S)
+        assert plan(cur, model, S) == []
+        prev = cur
+    assert update_wanted(want, prev, state([GA], [], []), S) is None  # a group changed: plan in full
