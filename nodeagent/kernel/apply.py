@@ -131,8 +131,9 @@ class Applier:
             rec = self.nl.link(step.ifname)
             if rec is None or rec.kind != "bridge":
                 raise
-            self.nl.set_link(step.ifname, rec.index, mtu=step.mtu, state="up")
+            self.nl.set_link(step.ifname, rec.index, mtu=step.mtu)
         self._forget(step.ifname)
+        self._up_without_ipv6(step.ifname)
 
     def _create_vxlan(self, step: CreateVxlan) -> None:
         master = self.index(step.bridge)
@@ -143,8 +144,15 @@ class Applier:
             rec = self.nl.link(step.ifname)
             if rec is None or rec.kind != "vxlan" or rec.data.get("IFLA_VXLAN_ID") != step.vni:
                 raise
-            self.nl.set_link(step.ifname, rec.index, mtu=step.mtu, master=master, state="up")
+            self.nl.set_link(step.ifname, rec.index, mtu=step.mtu, master=master)
         self._forget(step.ifname)
+        self._up_without_ipv6(step.ifname)
+
+    def _up_without_ipv6(self, ifname: str) -> None:
+        """The node takes no part in a group's L2: no link-local address, no DAD, RS or MLD into the
+        overlay from the bridge, the vxlan device or a job's host end."""
+        _ipv6_off(ifname, self.nl.netns)
+        self.nl.set_link_by_name(ifname, state="up")
 
     # -- job networks -----------------------------------------------------------------------------
 
@@ -214,8 +222,7 @@ class Applier:
         finally:
             os.close(ns_fd)
         self._forget(spec.host_ifname)
-        _ipv6_off(spec.host_ifname, self.nl.netns)  # before up: no link-local address, DAD, RS or MLD
-        self.nl.set_link_by_name(spec.host_ifname, state="up")
+        self._up_without_ipv6(spec.host_ifname)
 
     @staticmethod
     def _configure_inside(job_nl: Netlink, spec: JobNetSpec, eth0_index: int) -> None:

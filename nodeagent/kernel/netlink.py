@@ -152,15 +152,16 @@ class Netlink:
         return self._link_rec(out[0]) if out else None
 
     def create_bridge(self, ifname: str, mtu: int) -> None:
+        """Created down: set it up once IPv6 is off on it (and likewise the other creates)."""
         self._req("create bridge", ifname, lambda: self._ipr.link(
             "add", ifname=ifname, kind="bridge", mtu=mtu, br_stp_state=0, br_forward_delay=0,
-            br_mcast_snooping=0, state="up"))
+            br_mcast_snooping=0))
 
     def create_vxlan(self, ifname: str, *, vni: int, mtu: int, local: str, link: int, port: int,
                      master: int) -> None:
         self._req("create vxlan", ifname, lambda: self._ipr.link(
             "add", ifname=ifname, kind="vxlan", vxlan_id=vni, vxlan_local=local, vxlan_link=link,
-            vxlan_port=port, vxlan_learning=0, vxlan_proxy=1, mtu=mtu, master=master, state="up"))
+            vxlan_port=port, vxlan_learning=0, vxlan_proxy=1, mtu=mtu, master=master))
 
     def create_veth(self, ifname: str, *, mtu: int, master: int, peer_ifname: str, peer_netns_fd: int,
                     peer_mac: str, peer_netns: str, peer_index: int = 0) -> None:

@@ -32,12 +32,12 @@ GB = GroupSpec("b", 200, "10.41.0.0/24", "10.41.0.1", 1400)
 
 
 def job(i: int, group: GroupSpec = GA) -> LocalJob:
-    net = group.subnet.rsplit(".", 2)[0]
+    net = group.subnet.rsplit(".", 2)[0] + ".0"
     return LocalJob(f"{i:010x}", group.name, f"{net}.{i + 2}", f"02:00:00:00:{group.vni % 256:02x}:{i:02x}", ("true",))
 
 
 def ep(i: int, node: int, group: GroupSpec = GA) -> RemoteEndpoint:
-    net = group.subnet.rsplit(".", 2)[0]
+    net = group.subnet.rsplit(".", 2)[0] + ".0"
     return RemoteEndpoint(group.name, f"e{i:09x}", f"n{node}", f"198.18.0.{node}", f"{net}.{100 + i}",
                           f"02:00:00:01:{group.vni % 256:02x}:{i:02x}")
 
