@@ -10,6 +10,7 @@ unshare/setns/mount, hence ctypes.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno as errno_mod
@@ -94,12 +95,13 @@ class Namespaces:
             raise failure[0]
         return result[0]
 
-    def create(self, path: Path, sysctls: Mapping[str, str]) -> int:
-        """Create a new network namespace pinned at `path`, write `sysctls` in it, and return the fd of a
-        netlink route socket bound to it. EEXIST if `path` exists already."""
+    def create(self, path: Path, sysctls: Mapping[str, str], setup: Callable[[int], None] | None = None) -> None:
+        """Create a new network namespace pinned at `path`, write `sysctls` in it, then run `setup` inside
+        it (in the worker thread; its argument is an fd of the agent's namespace). AlreadyExists if `path`
+        exists; on any failure the half-made namespace file is removed again."""
         name = path.name
 
-        def work() -> int:
+        def work() -> None:
             try:
                 fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
             except OSError as e:
@@ -111,16 +113,15 @@ class Namespaces:
                     write_sysctl(key, value, name)
                 _check(_libc.mount(b"/proc/thread-self/ns/net", os.fsencode(path), None,
                                    ctypes.c_ulong(MS_BIND), None), "bind mount netns onto", str(path), name)
-                return _netlink_socket()
+                if setup is not None:
+                    setup(self.own_fd)
             except BaseException:
-                try:
-                    _libc.umount2(os.fsencode(path), MNT_DETACH)
+                _libc.umount2(os.fsencode(path), MNT_DETACH)
+                with contextlib.suppress(OSError):
                     os.unlink(path)
-                except OSError:
-                    pass
                 raise
 
-        return self._in_thread(work)
+        self._in_thread(work)
 
     def enter(self, path: Path, sysctls: Mapping[str, str] | None = None) -> int:
         """Return the fd of a netlink route socket bound to the namespace at `path` (after writing

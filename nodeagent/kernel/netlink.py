@@ -163,15 +163,12 @@ class Netlink:
             "add", ifname=ifname, kind="vxlan", vxlan_id=vni, vxlan_local=local, vxlan_link=link,
             vxlan_port=port, vxlan_learning=0, vxlan_proxy=1, mtu=mtu, master=master))
 
-    def create_veth(self, ifname: str, *, mtu: int, master: int, peer_ifname: str, peer_netns_fd: int,
-                    peer_mac: str, peer_netns: str, peer_index: int = 0) -> None:
-        """A veth on `master`, whose peer is created directly in another namespace (no move afterwards),
-        with ifindex `peer_index` there when not 0 (so that no lookup is needed to address it)."""
-        peer: dict[str, Any] = {"ifname": peer_ifname, "net_ns_fd": peer_netns_fd, "address": peer_mac, "mtu": mtu}
-        if peer_index:
-            peer["index"] = peer_index
+    def create_veth(self, ifname: str, *, mtu: int, peer_ifname: str, peer_netns_fd: int, peer_mac: str,
+                    peer_netns: str) -> None:
+        """A veth whose peer is created directly in another namespace (no move afterwards)."""
+        peer = {"ifname": peer_ifname, "net_ns_fd": peer_netns_fd, "address": peer_mac, "mtu": mtu}
         self._req("create veth", f"{ifname} (peer {peer_ifname} in {peer_netns})", lambda: self._ipr.link(
-            "add", ifname=ifname, kind="veth", mtu=mtu, master=master, peer=peer))
+            "add", ifname=ifname, kind="veth", mtu=mtu, peer=peer))
 
     def set_link_by_name(self, ifname: str, **attrs: Any) -> None:
         self._req("set link", f"{ifname} {attrs}", lambda: self._ipr.link("set", ifname=ifname, **attrs))

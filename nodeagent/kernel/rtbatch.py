@@ -1,0 +1,135 @@
+"""A minimal rtnetlink request encoder and batch sender for the job setup fast path.
+
+Setting up a job's namespace from inside it takes five requests (veth create, lo up, eth0 up, address,
+default route). Sent as ONE batch on a raw socket from the worker thread that made the namespace, they
+cost one system call and no pyroute2 socket (whose construction alone costs ~0.4 ms). Only the few fixed
+message shapes needed here are encoded; everything else goes through netlink.py. Each reply is an ack
+(NLMSG_ERROR); the first failure is raised as a typed error naming its request.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import struct
+from dataclasses import dataclass
+
+from nodeagent.kernel.errors import from_errno
+
+NLMSG_ERROR = 2
+RTM_NEWLINK, RTM_NEWADDR, RTM_NEWROUTE = 16, 20, 24
+NLM_F_REQUEST, NLM_F_ACK, NLM_F_REPLACE, NLM_F_EXCL, NLM_F_CREATE = 0x1, 0x4, 0x100, 0x200, 0x400
+NLM_F_ACK_TLVS = 0x200  # in an ack: extended ack attributes follow
+NLMSGERR_ATTR_MSG = 1
+SOL_NETLINK, NETLINK_CAP_ACK, NETLINK_EXT_ACK = 270, 10, 11
+IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_LINKINFO, IFLA_NET_NS_FD = 1, 3, 4, 18, 28
+IFLA_INFO_KIND, IFLA_INFO_DATA, VETH_INFO_PEER = 1, 2, 1
+IFA_ADDRESS, IFA_LOCAL = 1, 2
+RTA_DST, RTA_OIF, RTA_GATEWAY = 1, 4, 5
+IFF_UP = 0x1
+RT_TABLE_MAIN, RTPROT_STATIC, RT_SCOPE_UNIVERSE, RTN_UNICAST = 254, 4, 0, 1
+
+
+@dataclass(frozen=True)
+class Request:
+    op: str  # for errors: "create veth", "set link up", ...
+    obj: str
+    type: int
+    flags: int
+    body: bytes
+
+
+def _attr(kind: int, payload: bytes) -> bytes:
+    raw = struct.pack("=HH", 4 + len(payload), kind) + payload
+    return raw + b"\0" * (-len(raw) % 4)
+
+
+def _str(s: str) -> bytes:
+    return s.encode() + b"\0"
+
+
+def _mac(mac: str) -> bytes:
+    return bytes(int(x, 16) for x in mac.split(":"))
+
+
+def _ifinfo(index: int = 0, flags: int = 0, change: int = 0) -> bytes:
+    return struct.pack("=BxHiII", socket.AF_UNSPEC, 0, index, flags, change)
+
+
+def veth_here(ifname: str, index: int, mac: str, mtu: int, peer_ifname: str, peer_netns_fd: int) -> Request:
+    """A veth `ifname` (with ifindex `index`, `mac`, `mtu`) in the socket's namespace, its peer created in
+    the namespace `peer_netns_fd` refers to."""
+    peer = _ifinfo() + _attr(IFLA_IFNAME, _str(peer_ifname)) + _attr(IFLA_MTU, struct.pack("=I", mtu)) + _attr(
+        IFLA_NET_NS_FD, struct.pack("=I", peer_netns_fd))
+    info = _attr(IFLA_INFO_KIND, b"veth") + _attr(IFLA_INFO_DATA, _attr(VETH_INFO_PEER, peer))
+    body = (_ifinfo(index) + _attr(IFLA_IFNAME, _str(ifname)) + _attr(IFLA_ADDRESS, _mac(mac))
+            + _attr(IFLA_MTU, struct.pack("=I", mtu)) + _attr(IFLA_LINKINFO, info))
+    return Request("create veth", f"{ifname} (peer {peer_ifname})", RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL, body)
+
+
+def link_up(ifname: str, index: int) -> Request:
+    return Request("set link up", ifname, RTM_NEWLINK, 0, _ifinfo(index, IFF_UP, IFF_UP))
+
+
+def addr_replace(ifname: str, index: int, ip: str, prefixlen: int) -> Request:
+    packed = ipaddress.IPv4Address(ip).packed
+    body = struct.pack("=BBBBi", socket.AF_INET, prefixlen, 0, 0, index) + _attr(IFA_LOCAL, packed) + _attr(
+        IFA_ADDRESS, packed)
+    return Request("replace address", f"{ip}/{prefixlen} dev {ifname}", RTM_NEWADDR, NLM_F_CREATE | NLM_F_REPLACE,
+                   body)
+
+
+def default_route_replace(ifname: str, index: int, gateway: str) -> Request:
+    body = struct.pack("=BBBBBBBBI", socket.AF_INET, 0, 0, 0, RT_TABLE_MAIN, RTPROT_STATIC, RT_SCOPE_UNIVERSE,
+                       RTN_UNICAST, 0) + _attr(RTA_GATEWAY, ipaddress.IPv4Address(gateway).packed) + _attr(
+        RTA_OIF, struct.pack("=I", index))
+    return Request("replace default route", f"via {gateway} dev {ifname}", RTM_NEWROUTE,
+                   NLM_F_CREATE | NLM_F_REPLACE, body)
+
+
+def route_socket() -> socket.socket:
+    s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE)
+    s.setsockopt(SOL_NETLINK, NETLINK_EXT_ACK, 1)
+    s.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
+    return s
+
+
+def send(sock: socket.socket, requests: list[Request], netns: str) -> None:
+    """Send all requests in one datagram; wait for every ack; raise the first failure (typed)."""
+    buf = bytearray()
+    for seq, r in enumerate(requests, start=1):
+        buf += struct.pack("=IHHII", 16 + len(r.body), r.type, NLM_F_REQUEST | NLM_F_ACK | r.flags, seq, 0) + r.body
+    sock.send(bytes(buf))
+    errors: dict[int, tuple[int, str]] = {}
+    pending = set(range(1, len(requests) + 1))
+    while pending:
+        data = sock.recv(65536)
+        off = 0
+        while off + 16 <= len(data):
+            length, kind, flags, seq = struct.unpack_from("=IHHI", data, off)
+            if kind == NLMSG_ERROR and seq in pending:
+                pending.discard(seq)
+                (err,) = struct.unpack_from("=i", data, off + 16)
+                if err:
+                    errors[seq] = (-err, _ext_ack_msg(data[off:off + length], flags))
+            off += (length + 3) & ~3
+            if length < 16:
+                break
+    if errors:
+        seq = min(errors)
+        r = requests[seq - 1]
+        raise from_errno(r.op, r.obj, netns, *errors[seq])
+
+
+def _ext_ack_msg(msg: bytes, flags: int) -> str:
+    if not flags & NLM_F_ACK_TLVS:
+        return ""
+    off = 16 + 4 + 16  # header, error, the (capped) original header
+    while off + 4 <= len(msg):
+        length, kind = struct.unpack_from("=HH", msg, off)
+        if length < 4:
+            break
+        if kind & 0x3FFF == NLMSGERR_ATTR_MSG:
+            return msg[off + 4:off + length].rstrip(b"\0").decode(errors="replace")
+        off += (length + 3) & ~3
+    return ""
