@@ -5,7 +5,7 @@ rolled back (its namespace file and veth removed), so the next attempt starts cl
 
 Job network setup, the fast path (no helper processes, ~2.3 ms per job on a 2-vCPU VM):
   1. worker thread (namespaces.Namespaces.create): unshare(CLONE_NEWNET); IPv6 off (all, default); bind
-     mount onto <netns_dir>/jnj-<job>; then ONE rtnetlink batch (rtbatch.py) from inside: eth0 with the
+     mount onto <netns_dir>/jnj-<job>; then ONE rtnetlink batch (rawnl.py) from inside: eth0 with the
      job's MAC, the MTU and ifindex 2 (a new namespace has only lo), its peer jnv<job> created directly in
      our namespace (IFLA_NET_NS_FD); lo up; eth0 up; address; default route via the gateway; setns back.
   2. here: IPv6 off on jnv<job>, then onto the group bridge and up in one request.
@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 
 from nodeagent import names
-from nodeagent.kernel import rtbatch
+from nodeagent.kernel import rawnl
 from nodeagent.kernel.errors import AlreadyExists, KernelError, NotFound, from_oserror
 from nodeagent.kernel.model import ZERO_MAC, NetSettings
 from nodeagent.kernel.namespaces import Namespaces, write_sysctl
@@ -171,13 +171,13 @@ class Applier:
         def inside(agent_netns_fd: int) -> None:
             # eth0 here with ifindex 2 (a new namespace has only lo, ifindex 1), its peer in our namespace
             eth0 = FRESH_NS_ETH0_INDEX
-            with rtbatch.route_socket() as sock:
-                rtbatch.send(sock, [
-                    rtbatch.veth_here(names.JOB_IFNAME, eth0, spec.mac, spec.mtu, spec.host_ifname, agent_netns_fd),
-                    rtbatch.link_up("lo", LOOPBACK_IFINDEX),
-                    rtbatch.link_up(names.JOB_IFNAME, eth0),
-                    rtbatch.addr_replace(names.JOB_IFNAME, eth0, spec.ip, spec.prefixlen),
-                    rtbatch.default_route_replace(names.JOB_IFNAME, eth0, spec.gateway),
+            with rawnl.route_socket() as sock:
+                rawnl.send(sock, [
+                    rawnl.veth_here(names.JOB_IFNAME, eth0, spec.mac, spec.mtu, spec.host_ifname, agent_netns_fd),
+                    rawnl.link_up("lo", LOOPBACK_IFINDEX),
+                    rawnl.link_up(names.JOB_IFNAME, eth0),
+                    rawnl.addr_replace(names.JOB_IFNAME, eth0, spec.ip, spec.prefixlen),
+                    rawnl.default_route_replace(names.JOB_IFNAME, eth0, spec.gateway),
                 ], spec.netns)
 
         for attempt in (1, 2):

@@ -10,12 +10,14 @@ from pathlib import Path
 @dataclass(frozen=True)
 class NetSettings:
     """netns_dir: where job network namespace files live (jnj-<job>); underlay_ifname / underlay_ip: the
-    node's underlay link and address (VXLAN local end); vxlan_port: UDP destination port."""
+    node's underlay link and address (VXLAN local end); vxlan_port: UDP destination port; label: names the
+    agent's network namespace in errors (default: its inode, net:[...])."""
 
     netns_dir: Path
     underlay_ifname: str
     underlay_ip: str
     vxlan_port: int = 4789
+    label: str = ""
 
 
 @dataclass(frozen=True)

@@ -126,20 +126,28 @@ class Namespaces:
     def enter(self, path: Path, sysctls: Mapping[str, str] | None = None) -> int:
         """Return the fd of a netlink route socket bound to the namespace at `path` (after writing
         `sysctls` there). NotFound when the file is missing; InvalidArgument when it is not a netns."""
-        name = path.name
 
         def work() -> int:
+            for key, value in (sysctls or {}).items():
+                write_sysctl(key, value, path.name)
+            return _netlink_socket()
+
+        return self.run_in(path, work)
+
+    def run_in(self, path: Path, fn: Callable[[], T]) -> T:
+        """Run `fn` in a worker thread inside the namespace at `path`. NotFound when the file is missing;
+        InvalidArgument when it is not a network namespace (any more)."""
+
+        def work() -> T:
             try:
                 fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             except OSError as e:
                 raise from_oserror("open netns", str(path), self.label, e) from e
             try:
-                _setns(fd, name)
+                _setns(fd, path.name)
             finally:
                 os.close(fd)
-            for key, value in (sysctls or {}).items():
-                write_sysctl(key, value, name)
-            return _netlink_socket()
+            return fn()
 
         return self._in_thread(work)
 

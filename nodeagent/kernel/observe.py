@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 from nodeagent import names
+from nodeagent.kernel import rawnl
 from nodeagent.kernel.errors import InvalidArgument, NotFound
 from nodeagent.kernel.model import (
     BridgeAttrs,
@@ -26,6 +27,7 @@ from nodeagent.kernel.netlink import NTF_SELF, LinkRec, Netlink
 
 JOB_NETNS_PREFIX = names.job_netns("")
 LOOPBACK_IFINDEX = 1
+MAIN_TABLE = 254
 
 
 def _link(rec: LinkRec, by_index: dict[int, str]) -> Link:
@@ -69,21 +71,28 @@ def observe_node(nl: Netlink) -> tuple[Observed, dict[str, int]]:
 
 
 def observe_job(namespaces: Namespaces, path: Path, job_id: str) -> JobNs:
-    """The state of one job namespace file. Not usable: the file is not a live network namespace."""
+    """The state of one job namespace file, read from inside it (raw dumps: this runs for every job on a
+    full reconcile). Not usable: the file is not a live network namespace."""
+
+    def inside() -> JobNs:
+        with rawnl.route_socket() as sock:
+            links = rawnl.links(sock, path.name)
+            eth0 = next((r for r in links if r.ifname == names.JOB_IFNAME), None)
+            lo_up = any(r.index == LOOPBACK_IFINDEX and r.up for r in links)
+            if eth0 is None:
+                return JobNs(job_id, usable=True, eth0=None, lo_up=lo_up)
+            addrs = frozenset(f"{a.address}/{a.prefixlen}" for a in rawnl.addrs(sock, path.name)
+                              if a.index == eth0.index)
+            gateway = next((r.gateway for r in rawnl.routes(sock, path.name)
+                            if r.table == MAIN_TABLE and r.dst_len == 0 and r.oif == eth0.index), "")
+        return JobNs(job_id, usable=True, eth0=JobIface(eth0.mac, eth0.mtu, eth0.up, addrs, gateway), lo_up=lo_up)
+
     try:
-        fd = namespaces.enter(path)
-    except (InvalidArgument, NotFound):
-        return JobNs(job_id, usable=False)
-    with Netlink(path.name, fileno=fd) as nl:
-        links = nl.links()
-        eth0 = next((r for r in links if r.ifname == names.JOB_IFNAME), None)
-        lo_up = any(r.index == LOOPBACK_IFINDEX and r.up for r in links)
-        if eth0 is None:
-            return JobNs(job_id, usable=True, eth0=None, lo_up=lo_up)
-        addrs = frozenset(f"{a.address}/{a.prefixlen}" for a in nl.addrs() if a.ifindex == eth0.index)
-        gateway = next((r.gateway for r in nl.routes() if r.dst_len == 0 and r.oif == eth0.index), "")
-    iface = JobIface(eth0.address.lower(), eth0.mtu, eth0.up, addrs, gateway)
-    return JobNs(job_id, usable=True, eth0=iface, lo_up=lo_up)
+        return namespaces.run_in(path, inside)
+    except (InvalidArgument, NotFound) as e:
+        if e.op in ("open netns", "setns"):  # not (any more) a namespace: only then is it unusable
+            return JobNs(job_id, usable=False)
+        raise
 
 
 def job_netns_files(netns_dir: Path) -> dict[str, Path]:

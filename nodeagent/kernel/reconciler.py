@@ -77,7 +77,8 @@ class NetworkReconciler:
     def __init__(self, settings: NetSettings) -> None:
         settings.netns_dir.mkdir(parents=True, exist_ok=True)
         self.settings = settings
-        self._label = os.readlink("/proc/thread-self/ns/net")  # e.g. net:[4026532301], names it in errors
+        ns_id = os.readlink("/proc/thread-self/ns/net")  # e.g. net:[4026532301]
+        self._label = f"{settings.label} ({ns_id})" if settings.label else ns_id  # names it in errors
         self._netns_ino = os.stat("/proc/thread-self/ns/net").st_ino
         self._ns = Namespaces(self._label)
         try:
