@@ -160,10 +160,11 @@ class Namespaces:
     def remove(self, path: Path) -> None:
         """Unmount and unlink the namespace file; an already missing file or mount is fine. The namespace
         (and the veth in it) dies once no process or socket holds it any more."""
-        rc = _libc.umount2(os.fsencode(path), ctypes.c_int(MNT_DETACH))
-        if rc != 0:
-            err = ctypes.get_errno()
-            if err not in (errno_mod.EINVAL, *GONE_ERRNOS):  # EINVAL: not a mount point (half-made)
+        for _ in range(4):  # a file mounted over more than once needs as many unmounts
+            if _libc.umount2(os.fsencode(path), ctypes.c_int(MNT_DETACH)) != 0:
+                err = ctypes.get_errno()
+                if err in (errno_mod.EINVAL, *GONE_ERRNOS):  # EINVAL: not (any more) a mount point
+                    break
                 raise from_errno("umount netns", str(path), self.label, err)
         try:
             os.unlink(path)

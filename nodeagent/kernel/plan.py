@@ -91,6 +91,7 @@ class Wanted:
     neigh: dict[NeighKey, NeighEntry] = field(default_factory=dict)
     jobs: dict[str, JobNetSpec] = field(default_factory=dict)
     veth_jobs: dict[str, str] = field(default_factory=dict)  # host veth name -> job id
+    rejected: dict[str, str] = field(default_factory=dict)  # job id -> why it gets no network
     flood_refs: dict[FdbKey, int] = field(default_factory=dict)  # flood entry -> endpoints needing it
 
 
@@ -110,10 +111,20 @@ def job_spec(job: LocalJob, group: GroupSpec) -> JobNetSpec:
                       gateway=group.gateway, mtu=group.mtu)
 
 
+def usable_job_id(job_id: str) -> bool:
+    """A job id that names a file and a link unambiguously: [A-Za-z0-9_-], short enough that jnv<id>
+    is not truncated."""
+    return bool(job_id) and names.host_veth(job_id) == HOST_VETH_PREFIX + job_id and all(
+        c.isascii() and (c.isalnum() or c in "-_") for c in job_id)
+
+
 def _add_job(w: Wanted, job: LocalJob, desired: DesiredState, keys: Keys | None) -> None:
     group = desired.groups.get(job.group)
     if group is None:
         return  # the controller sends a job's group with it; until then there is nothing to attach it to
+    if not usable_job_id(job.id):
+        w.rejected[job.id] = f"job id {job.id!r} cannot name a namespace file and a veth"
+        return
     spec = job_spec(job, group)
     w.jobs[job.id] = spec
     w.links[spec.host_ifname] = host_veth_link(spec)
@@ -124,6 +135,7 @@ def _add_job(w: Wanted, job: LocalJob, desired: DesiredState, keys: Keys | None)
 
 
 def _remove_job(w: Wanted, job_id: str, keys: Keys) -> None:
+    w.rejected.pop(job_id, None)
     spec = w.jobs.pop(job_id, None)
     keys.jobs.add(job_id)
     if spec is not None:

@@ -87,6 +87,7 @@ class NetworkReconciler:
             self._ns.close()
             raise
         self._applier = Applier(settings, self._nl, self._ns)
+        self._closed = False
         self._model: Observed | None = None
         self._want: Wanted | None = None
         self._desired: DesiredState | None = None  # the state `_want` was made for
@@ -95,8 +96,10 @@ class NetworkReconciler:
         return self.settings.netns_dir / names.job_netns(job_id)
 
     def close(self) -> None:
-        self._nl.close()
-        self._ns.close()
+        if not self._closed:
+            self._closed = True
+            self._nl.close()
+            self._ns.close()
 
     def observed(self) -> Observed:
         """A copy of the current model (observing the kernel if there is none)."""
@@ -122,6 +125,9 @@ class NetworkReconciler:
             self._want = wanted(desired, self.settings)
         assert self._want is not None
         self._desired = desired
+        for job_id, why in self._want.rejected.items():
+            if keys is None or job_id in keys.jobs:
+                log.error("job %s gets no network: %s", job_id, why)
         steps = plan_wanted(self._want, model, self.settings, keys)
         applied: list[Step] = []
         failures: list[StepFailed] = []

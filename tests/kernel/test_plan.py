@@ -196,3 +196,11 @@ def test_incremental_plan_equals_full_plan() -> None:
         assert plan(cur, model, S) == []
         prev = cur
     assert update_wanted(want, prev, state([GA], [], []), S) is None  # a group changed: plan in full
+
+
+def test_job_id_that_cannot_name_kernel_objects_is_rejected_not_truncated() -> None:
+    bad = replace(job(1), id="../../etc/x")
+    long = replace(job(2), id="0123456789abcdef")  # jnv<id> would be cut to 15 characters
+    w = wanted(state([GA], [bad, long, job(3)], []), S)
+    assert set(w.rejected) == {bad.id, long.id}
+    assert set(w.jobs) == {job(3).id}
