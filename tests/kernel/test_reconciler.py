@@ -218,3 +218,55 @@ def test_failed_step_is_reported_with_its_object_and_retried(world: World) -> No
     steps = n1.reconcile(world.desired("n1"))
     assert [type(s).__name__ for s in steps] == ["CreateVxlan", "AddFloodEntry", "ReplaceFdb", "ReplaceNeigh"]
     assert n1.reconcile(world.desired("n1"), full=True) == []
+
+
+def test_every_step_can_be_applied_twice(world: World) -> None:
+    from nodeagent.kernel.apply import Applier
+    from nodeagent.kernel.namespaces import Namespaces
+    from nodeagent.kernel.netlink import Netlink
+
+    j = populate(world)
+    n1 = world.nodes["n1"]
+    steps = n1.reconcile(world.desired("n1"))
+    assert len(steps) > 10
+    assert n1.rec is not None
+    settings = n1.rec.settings
+
+    def again() -> None:
+        ns = Namespaces("test")
+        with Netlink("test") as nl:
+            applier = Applier(settings, nl, ns)
+            for step in steps:
+                applier.apply(step)
+        ns.close()
+
+    n1.call(again)
+    assert n1.reconcile(world.desired("n1"), full=True) == []
+    assert not ping(n1, j["a1"].id, j["a2"].ip)  # n2 has no network yet: nothing answers
+    world.nodes["n2"].reconcile(world.desired("n2"))
+    assert ping_ok(n1, j["a1"].id, j["a2"].ip)
+
+
+def test_namespace_pinned_by_a_process_loses_its_veth_on_the_next_full_reconcile(world: World) -> None:
+    import subprocess
+
+    j = populate(world)
+    world.add_job("n1", "a", 4)  # group a stays on n1 when a1 leaves
+    n1 = world.nodes["n1"]
+    world.reconcile_all()
+    sleeper = subprocess.Popen(["nsenter", f"--net={n1.job_ns(j['a1'].id)}", "sleep", "60"])
+    try:
+        time.sleep(0.2)
+        del n1.jobs[j["a1"].id]
+        n1.reconcile(world.desired("n1"))
+        assert not n1.job_ns(j["a1"].id).exists()
+        assert link(n1, f"jnv{j['a1'].id}") is not None  # the namespace lives on in the process
+        steps = n1.reconcile(world.desired("n1"), full=True)
+        assert [type(s).__name__ for s in steps] == ["DeleteLink"] and link(n1, f"jnv{j['a1'].id}") is None
+        # the job comes back (same id): made anew, although the old namespace still exists
+        n1.jobs[j["a1"].id] = ("a", j["a1"])
+        assert [type(s).__name__ for s in n1.reconcile(world.desired("n1"))] == ["CreateJobNetwork"]
+        assert n1.reconcile(world.desired("n1"), full=True) == []
+    finally:
+        sleeper.kill()
+        sleeper.wait()
