@@ -19,7 +19,7 @@ from pathlib import Path
 
 from nodeagent import names
 from nodeagent.kernel import rawnl
-from nodeagent.kernel.errors import AlreadyExists, KernelError, NotFound, from_oserror
+from nodeagent.kernel.errors import GONE_ERRNOS, AlreadyExists, KernelError, NotFound, from_oserror
 from nodeagent.kernel.model import ZERO_MAC, NetSettings
 from nodeagent.kernel.namespaces import Namespaces, write_sysctl
 from nodeagent.kernel.netlink import Netlink
@@ -41,6 +41,7 @@ from nodeagent.kernel.steps import (
     Step,
 )
 
+ENTRY_STEPS = (AddFloodEntry, ReplaceFdb, ReplaceNeigh, DeleteFdb, DeleteNeigh)  # batched: apply_entries
 FRESH_NS_ETH0_INDEX = 2  # a new namespace has only lo (ifindex 1): eth0 is created with ifindex 2
 JOB_SYSCTLS = {"ipv6/conf/all/disable_ipv6": "1", "ipv6/conf/default/disable_ipv6": "1"}
 
@@ -60,6 +61,10 @@ class Applier:
         self.nl = nl
         self.ns = namespaces
         self._index: dict[str, int] = {}
+        self._raw = rawnl.route_socket()  # in the calling thread's (= the agent's) namespace
+
+    def close(self) -> None:
+        self._raw.close()
 
     def reset_index(self, index: dict[str, int]) -> None:
         self._index = dict(index)
@@ -89,14 +94,10 @@ class Applier:
             case DeleteLink(ifname=ifname):
                 self.nl.delete_link(ifname)
                 self._forget(ifname)
-            case DeleteFdb(dev=dev, mac=mac, dst=dst):
-                idx = self._index_or_none(dev)
-                if idx is not None:
-                    self.nl.fdb_delete(dev, idx, mac, dst)
-            case DeleteNeigh(dev=dev, ip=ip):
-                idx = self._index_or_none(dev)
-                if idx is not None:
-                    self.nl.neigh_delete(dev, idx, ip)
+            case AddFloodEntry() | ReplaceFdb() | ReplaceNeigh() | DeleteFdb() | DeleteNeigh():
+                (err,) = self.apply_entries([step])
+                if err is not None:
+                    raise err
             case CreateBridge():
                 self._create_bridge(step)
             case CreateVxlan():
@@ -104,17 +105,46 @@ class Applier:
             case SetLink(ifname=ifname, mtu=mtu, master=master, up=up):
                 self.nl.set_link(ifname, self.index(ifname), mtu=mtu, master=self.index(master) if master else 0,
                                  state="up" if up else "down")
-            case AddFloodEntry(dev=dev, dst=dst):
-                with contextlib.suppress(AlreadyExists):  # that destination is in the flood list already
-                    self.nl.fdb_append(dev, self.index(dev), ZERO_MAC, dst)
-            case ReplaceFdb(dev=dev, mac=mac, dst=dst):
-                self.nl.fdb_replace(dev, self.index(dev), mac, dst)
-            case ReplaceNeigh(dev=dev, ip=ip, mac=mac):
-                self.nl.neigh_replace(dev, self.index(dev), ip, mac)
             case CreateJobNetwork(job=spec):
                 self._create_job(spec)
             case ConfigureJob(job=spec, recreate_veth=recreate):
                 self._configure_job(spec, recreate)
+
+    def apply_entries(self, steps: list[Step]) -> list[Exception | None]:
+        """Apply many FDB / neighbour steps (ENTRY_STEPS) in batches; each one's outcome, in order. Same
+        semantics as `apply` one by one: deletes tolerate "already gone", a flood entry that is there is
+        fine."""
+        outcome: list[Exception | None] = [None] * len(steps)
+        requests: list[rawnl.Request] = []
+        sent: list[int] = []  # index into steps of each request
+        for i, step in enumerate(steps):
+            dev = getattr(step, "dev", "")
+            idx = self._index_or_none(dev)
+            if idx is None:
+                if not isinstance(step, (DeleteFdb, DeleteNeigh)):  # deletes: gone with the device
+                    outcome[i] = NotFound("look up link", dev, self.nl.netns, 19, "no such device")
+                continue
+            match step:
+                case AddFloodEntry(dst=dst):
+                    requests.append(rawnl.fdb("append", dev, idx, ZERO_MAC, dst))
+                case ReplaceFdb(mac=mac, dst=dst):
+                    requests.append(rawnl.fdb("replace", dev, idx, mac, dst))
+                case DeleteFdb(mac=mac, dst=dst):
+                    requests.append(rawnl.fdb("delete", dev, idx, mac, dst))
+                case ReplaceNeigh(ip=ip, mac=mac):
+                    requests.append(rawnl.neigh("replace", dev, idx, ip, mac))
+                case DeleteNeigh(ip=ip, mac=mac):
+                    requests.append(rawnl.neigh("delete", dev, idx, ip, mac))
+                case _:
+                    raise TypeError(f"not an entry step: {step}")
+            sent.append(i)
+        for i, err in zip(sent, rawnl.send_all(self._raw, requests, self.nl.netns), strict=True):
+            step = steps[i]
+            if err is None or (isinstance(step, (DeleteFdb, DeleteNeigh)) and err.errno in GONE_ERRNOS) or (
+                    isinstance(step, AddFloodEntry) and isinstance(err, AlreadyExists)):
+                continue
+            outcome[i] = err
+        return outcome
 
     def _index_or_none(self, ifname: str) -> int | None:
         try:

@@ -3,8 +3,8 @@
 Each method is one netlink request (or one dump, retried on NLM_F_DUMP_INTR up to a bound). Failures are
 translated once, in `_call`, into `errors.KernelError` subclasses naming the operation, the object and
 the namespace; the kernel's ext_ack text (sockets are opened with ext_ack) becomes the detail. Deletes
-tolerate exactly the "already gone" errnos. FDB and neighbour writes use NLM_F_REPLACE (or NLM_F_APPEND
-for the all-zeros flood entries), so applying them twice is harmless.
+tolerate exactly the "already gone" errnos. (FDB and neighbour writes, and the job setup batch, go
+through rawnl.py.)
 """
 
 from __future__ import annotations
@@ -187,31 +187,10 @@ class Netlink:
                        int(m["state"]), int(m["flags"]))
                 for m in self._dump("fdb", lambda: self._ipr.fdb("dump"))]
 
-    def fdb_append(self, ifname: str, ifindex: int, mac: str, dst: str) -> None:
-        self._req("append fdb", f"{mac} dst {dst} dev {ifname}", lambda: self._ipr.fdb(
-            "append", ifindex=ifindex, lladdr=mac, dst=dst, state=NUD_PERMANENT | NUD_NOARP, flags=NTF_SELF))
-
-    def fdb_replace(self, ifname: str, ifindex: int, mac: str, dst: str) -> None:
-        self._req("replace fdb", f"{mac} dst {dst} dev {ifname}", lambda: self._ipr.fdb(
-            "replace", ifindex=ifindex, lladdr=mac, dst=dst, state=NUD_PERMANENT | NUD_NOARP, flags=NTF_SELF))
-
-    def fdb_delete(self, ifname: str, ifindex: int, mac: str, dst: str) -> None:
-        self._call("delete fdb", f"{mac} dst {dst} dev {ifname}", lambda: self._ipr.fdb(
-            "del", ifindex=ifindex, lladdr=mac, dst=dst, state=NUD_PERMANENT | NUD_NOARP, flags=NTF_SELF),
-            gone_ok=True)
-
     def neighbours(self) -> list[NeighRec]:
         return [NeighRec(int(m["ifindex"]), str(m.get("NDA_DST") or ""), str(m.get("NDA_LLADDR") or ""),
                          int(m["state"]))
                 for m in self._dump("neighbours", lambda: self._ipr.neigh("dump", family=socket.AF_INET))]
-
-    def neigh_replace(self, ifname: str, ifindex: int, ip: str, mac: str) -> None:
-        self._req("replace neigh", f"{ip} lladdr {mac} dev {ifname}", lambda: self._ipr.neigh(
-            "replace", ifindex=ifindex, dst=ip, lladdr=mac, state=NUD_PERMANENT))
-
-    def neigh_delete(self, ifname: str, ifindex: int, ip: str) -> None:
-        self._call("delete neigh", f"{ip} dev {ifname}", lambda: self._ipr.neigh(
-            "del", ifindex=ifindex, dst=ip), gone_ok=True)
 
     # -- addresses / routes -----------------------------------------------------------------------
 

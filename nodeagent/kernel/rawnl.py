@@ -1,6 +1,8 @@
 """Minimal raw rtnetlink for the two per-job hot paths: the setup batch and the observation of a job's
 namespace. Everything else goes through netlink.py (pyroute2).
 
+FDB and neighbour entries go the same way, many per datagram (a snapshot with thousands of remote jobs).
+
 Setting up a job's namespace from inside it takes five requests (veth create, lo up, eth0 up, address,
 default route). Sent as ONE batch on a raw socket from the worker thread that made the namespace, they
 cost one system call and no pyroute2 socket (whose construction alone costs ~0.4 ms). Only the few fixed
@@ -17,14 +19,14 @@ import socket
 import struct
 from dataclasses import dataclass
 
-from nodeagent.kernel.errors import DumpInterrupted, from_errno
+from nodeagent.kernel.errors import DumpInterrupted, KernelError, from_errno
 
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 RTM_GETLINK, RTM_GETADDR, RTM_GETROUTE = 18, 22, 26
 NLM_F_DUMP, NLM_F_DUMP_INTR = 0x300, 0x10
 DUMP_RETRIES = 5
-RTM_NEWLINK, RTM_NEWADDR, RTM_NEWROUTE = 16, 20, 24
-NLM_F_REQUEST, NLM_F_ACK, NLM_F_REPLACE, NLM_F_EXCL, NLM_F_CREATE = 0x1, 0x4, 0x100, 0x200, 0x400
+RTM_NEWLINK, RTM_NEWADDR, RTM_NEWROUTE, RTM_NEWNEIGH, RTM_DELNEIGH = 16, 20, 24, 28, 29
+NLM_F_REQUEST, NLM_F_ACK, NLM_F_REPLACE, NLM_F_EXCL, NLM_F_CREATE, NLM_F_APPEND = 0x1, 0x4, 0x100, 0x200, 0x400, 0x800
 NLM_F_ACK_TLVS = 0x200  # in an ack: extended ack attributes follow
 NLMSGERR_ATTR_MSG = 1
 SOL_NETLINK, NETLINK_CAP_ACK, NETLINK_EXT_ACK = 270, 10, 11
@@ -33,6 +35,10 @@ IFLA_INFO_KIND, IFLA_INFO_DATA, VETH_INFO_PEER = 1, 2, 1
 IFA_ADDRESS, IFA_LOCAL = 1, 2
 RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_TABLE = 1, 4, 5, 15
 IFF_UP = 0x1
+NDA_DST, NDA_LLADDR = 1, 2
+NUD_NOARP, NUD_PERMANENT = 0x40, 0x80
+NTF_SELF = 0x02
+AF_BRIDGE = 7
 RT_TABLE_MAIN, RTPROT_STATIC, RT_SCOPE_UNIVERSE, RTN_UNICAST = 254, 4, 0, 1
 
 
@@ -93,6 +99,29 @@ def default_route_replace(ifname: str, index: int, gateway: str) -> Request:
                    NLM_F_CREATE | NLM_F_REPLACE, body)
 
 
+def _ndmsg(family: int, ifindex: int, state: int, flags: int) -> bytes:
+    return struct.pack("=BxxxiHBB", family, ifindex, state, flags, 0)
+
+
+def fdb(op: str, dev: str, ifindex: int, mac: str, dst: str) -> Request:
+    """A VXLAN FDB entry `mac -> dst` on `dev` (NTF_SELF, permanent); op: replace, append or delete."""
+    body = _ndmsg(AF_BRIDGE, ifindex, NUD_PERMANENT | NUD_NOARP, NTF_SELF) + _attr(NDA_LLADDR, _mac(mac)) + _attr(
+        NDA_DST, ipaddress.IPv4Address(dst).packed)
+    kind, flags = {"replace": (RTM_NEWNEIGH, NLM_F_CREATE | NLM_F_REPLACE),
+                   "append": (RTM_NEWNEIGH, NLM_F_CREATE | NLM_F_APPEND),
+                   "delete": (RTM_DELNEIGH, 0)}[op]
+    return Request(f"{op} fdb", f"{mac} dst {dst} dev {dev}", kind, flags, body)
+
+
+def neigh(op: str, dev: str, ifindex: int, ip: str, mac: str) -> Request:
+    """A permanent IPv4 neighbour entry `ip -> mac` on `dev`; op: replace or delete."""
+    body = _ndmsg(socket.AF_INET, ifindex, NUD_PERMANENT, 0) + _attr(NDA_DST, ipaddress.IPv4Address(ip).packed)
+    if op == "replace":
+        return Request("replace neigh", f"{ip} lladdr {mac} dev {dev}", RTM_NEWNEIGH, NLM_F_CREATE | NLM_F_REPLACE,
+                       body + _attr(NDA_LLADDR, _mac(mac)))
+    return Request("delete neigh", f"{ip} dev {dev}", RTM_DELNEIGH, 0, body)
+
+
 def route_socket() -> socket.socket:
     s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE)
     s.setsockopt(SOL_NETLINK, NETLINK_EXT_ACK, 1)
@@ -102,29 +131,40 @@ def route_socket() -> socket.socket:
 
 def send(sock: socket.socket, requests: list[Request], netns: str) -> None:
     """Send all requests in one datagram; wait for every ack; raise the first failure (typed)."""
-    buf = bytearray()
-    for seq, r in enumerate(requests, start=1):
-        buf += struct.pack("=IHHII", 16 + len(r.body), r.type, NLM_F_REQUEST | NLM_F_ACK | r.flags, seq, 0) + r.body
-    sock.send(bytes(buf))
-    errors: dict[int, tuple[int, str]] = {}
-    pending = set(range(1, len(requests) + 1))
-    while pending:
-        data = sock.recv(65536)
-        off = 0
-        while off + 16 <= len(data):
-            length, kind, flags, seq = struct.unpack_from("=IHHI", data, off)
-            if kind == NLMSG_ERROR and seq in pending:
-                pending.discard(seq)
-                (err,) = struct.unpack_from("=i", data, off + 16)
-                if err:
-                    errors[seq] = (-err, _ext_ack_msg(data[off:off + length], flags))
-            off += (length + 3) & ~3
-            if length < 16:
-                break
-    if errors:
-        seq = min(errors)
-        r = requests[seq - 1]
-        raise from_errno(r.op, r.obj, netns, *errors[seq])
+    for err in send_all(sock, requests, netns):
+        if err is not None:
+            raise err
+
+
+def send_all(sock: socket.socket, requests: list[Request], netns: str, chunk: int = 256) -> list[KernelError | None]:
+    """Send requests in batches of `chunk` (one datagram each); return each one's outcome, in order."""
+    out: list[KernelError | None] = []
+    for start in range(0, len(requests), chunk):
+        part = requests[start:start + chunk]
+        buf = bytearray()
+        for seq, r in enumerate(part, start=1):
+            buf += struct.pack("=IHHII", 16 + len(r.body), r.type, NLM_F_REQUEST | NLM_F_ACK | r.flags, seq, 0)
+            buf += r.body
+        sock.send(bytes(buf))
+        errors: dict[int, tuple[int, str]] = {}
+        pending = set(range(1, len(part) + 1))
+        while pending:
+            data = sock.recv(1 << 20)
+            off = 0
+            while off + 16 <= len(data):
+                length, kind, flags, seq = struct.unpack_from("=IHHI", data, off)
+                if length < 16:
+                    break
+                if kind == NLMSG_ERROR and seq in pending:
+                    pending.discard(seq)
+                    (err,) = struct.unpack_from("=i", data, off + 16)
+                    if err:
+                        errors[seq] = (-err, _ext_ack_msg(data[off:off + length], flags))
+                off += (length + 3) & ~3
+        for seq, r in enumerate(part, start=1):
+            e = errors.get(seq)
+            out.append(None if e is None else from_errno(r.op, r.obj, netns, *e))
+    return out
 
 
 def _ext_ack_msg(msg: bytes, flags: int) -> str:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from nodeagent import names
 from nodeagent.desired import DesiredState
-from nodeagent.kernel.apply import Applier
+from nodeagent.kernel.apply import ENTRY_STEPS, Applier
 from nodeagent.kernel.errors import ReconcileError, StepFailed
 from nodeagent.kernel.model import NetSettings, Observed
 from nodeagent.kernel.namespaces import Namespaces
@@ -98,6 +98,7 @@ class NetworkReconciler:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            self._applier.close()
             self._nl.close()
             self._ns.close()
 
@@ -132,23 +133,48 @@ class NetworkReconciler:
         applied: list[Step] = []
         failures: list[StepFailed] = []
         broken: set[str] = set()
-        for step in steps:
-            missing = [d for d in _needs(step) if d in broken]
-            if missing:
-                failures.append(StepFailed(step, DependencyFailed(f"{', '.join(missing)} could not be made")))
-                continue
-            try:
-                self._applier.apply(step)
-            except Exception as e:
-                log.warning("network step %s failed: %s", step, e)
-                failures.append(StepFailed(step, e))
-                made = _makes(step)
-                if made:
-                    broken.add(made)
-                continue
-            log.debug("network step %s applied", step)
-            advance(model, step, self.settings)
-            applied.append(step)
+
+        def done(step: Step, error: Exception | None) -> None:
+            if error is None:
+                log.debug("network step %s applied", step)
+                advance(model, step, self.settings)
+                applied.append(step)
+                return
+            log.warning("network step %s failed: %s", step, error)
+            failures.append(StepFailed(step, error))
+            made = _makes(step)
+            if made:
+                broken.add(made)
+
+        i = 0
+        while i < len(steps):
+            # FDB / neighbour entries in a row go to the kernel in batches; everything else one by one.
+            end = i + 1
+            if isinstance(steps[i], ENTRY_STEPS):
+                while end < len(steps) and isinstance(steps[end], ENTRY_STEPS):
+                    end += 1
+            todo: list[Step] = []
+            for step in steps[i:end]:
+                missing = [d for d in _needs(step) if d in broken]
+                if missing:
+                    failures.append(StepFailed(step, DependencyFailed(f"{', '.join(missing)} could not be made")))
+                else:
+                    todo.append(step)
+            i = end
+            if len(todo) == 1 and not isinstance(todo[0], ENTRY_STEPS):
+                try:
+                    self._applier.apply(todo[0])
+                except Exception as e:
+                    done(todo[0], e)
+                else:
+                    done(todo[0], None)
+            elif todo:
+                try:
+                    outcomes = self._applier.apply_entries(todo)
+                except Exception as e:
+                    outcomes = [e] * len(todo)
+                for step, outcome in zip(todo, outcomes, strict=True):
+                    done(step, outcome)
         if failures:
             self._model = self._want = self._desired = None  # the next reconcile observes and plans in full
             raise ReconcileError(failures, applied)
