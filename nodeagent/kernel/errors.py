@@ -73,6 +73,10 @@ def from_oserror(op: str, obj: str, netns: str, exc: OSError) -> KernelError:
     return from_errno(op, obj, netns, exc.errno or 0, exc.strerror or str(exc))
 
 
+class DependencyFailed(Exception):
+    """A step was not attempted because a device it needs failed to be made earlier in the same pass."""
+
+
 class StepFailed(Exception):
     """One plan step failed; `cause` is the typed kernel error (or other exception) behind it."""
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from nodeagent import names
 from nodeagent.desired import DesiredState
 from nodeagent.kernel.apply import ENTRY_STEPS, Applier
-from nodeagent.kernel.errors import ReconcileError, StepFailed
+from nodeagent.kernel.errors import DependencyFailed, ReconcileError, StepFailed
 from nodeagent.kernel.model import NetSettings, Observed
 from nodeagent.kernel.namespaces import Namespaces
 from nodeagent.kernel.netlink import Netlink
@@ -44,10 +44,6 @@ from nodeagent.kernel.steps import (
 __all__ = ["NetSettings", "NetworkReconciler", "ReconcileError", "Step"]
 
 log = logging.getLogger("jobnet.agent.kernel")
-
-
-class DependencyFailed(Exception):
-    """A step was not attempted because the device it needs failed to be made in this pass."""
 
 
 def _needs(step: Step) -> tuple[str, ...]:
