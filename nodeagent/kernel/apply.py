@@ -19,7 +19,7 @@ from pathlib import Path
 
 from nodeagent import names
 from nodeagent.kernel import rawnl
-from nodeagent.kernel.errors import GONE_ERRNOS, AlreadyExists, KernelError, NotFound, from_oserror
+from nodeagent.kernel.errors import GONE_ERRNOS, AlreadyExists, InvalidArgument, KernelError, NotFound, from_oserror
 from nodeagent.kernel.model import ZERO_MAC, NetSettings
 from nodeagent.kernel.namespaces import Namespaces, write_sysctl
 from nodeagent.kernel.netlink import Netlink
@@ -124,19 +124,11 @@ class Applier:
                 if not isinstance(step, (DeleteFdb, DeleteNeigh)):  # deletes: gone with the device
                     outcome[i] = NotFound("look up link", dev, self.nl.netns, 19, "no such device")
                 continue
-            match step:
-                case AddFloodEntry(dst=dst):
-                    requests.append(rawnl.fdb("append", dev, idx, ZERO_MAC, dst))
-                case ReplaceFdb(mac=mac, dst=dst):
-                    requests.append(rawnl.fdb("replace", dev, idx, mac, dst))
-                case DeleteFdb(mac=mac, dst=dst):
-                    requests.append(rawnl.fdb("delete", dev, idx, mac, dst))
-                case ReplaceNeigh(ip=ip, mac=mac):
-                    requests.append(rawnl.neigh("replace", dev, idx, ip, mac))
-                case DeleteNeigh(ip=ip, mac=mac):
-                    requests.append(rawnl.neigh("delete", dev, idx, ip, mac))
-                case _:
-                    raise TypeError(f"not an entry step: {step}")
+            try:
+                requests.append(self._entry_request(step, dev, idx))
+            except ValueError as e:  # a malformed MAC or address fails its own step, not the batch
+                outcome[i] = InvalidArgument("encode", str(step), self.nl.netns, 22, str(e))
+                continue
             sent.append(i)
         for i, err in zip(sent, rawnl.send_all(self._raw, requests, self.nl.netns), strict=True):
             step = steps[i]
@@ -145,6 +137,21 @@ class Applier:
                 continue
             outcome[i] = err
         return outcome
+
+    @staticmethod
+    def _entry_request(step: Step, dev: str, idx: int) -> rawnl.Request:
+        match step:
+            case AddFloodEntry(dst=dst):
+                return rawnl.fdb("append", dev, idx, ZERO_MAC, dst)
+            case ReplaceFdb(mac=mac, dst=dst):
+                return rawnl.fdb("replace", dev, idx, mac, dst)
+            case DeleteFdb(mac=mac, dst=dst):
+                return rawnl.fdb("delete", dev, idx, mac, dst)
+            case ReplaceNeigh(ip=ip, mac=mac):
+                return rawnl.neigh("replace", dev, idx, ip, mac)
+            case DeleteNeigh(ip=ip, mac=mac):
+                return rawnl.neigh("delete", dev, idx, ip, mac)
+        raise TypeError(f"not an entry step: {step}")
 
     def _index_or_none(self, ifname: str) -> int | None:
         try:

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from nodeagent.desired import DesiredState
-from nodeagent.kernel.errors import NotFound, ReconcileError
+from nodeagent.kernel.errors import DependencyFailed, NotFound, ReconcileError
 from nodeagent.kernel.steps import ConfigureJob, CreateVxlan, DeleteJobNetwork, ReplaceFdb, ReplaceNeigh
 
 from .conftest import Node, World, sh
@@ -213,6 +213,7 @@ def test_failed_step_is_reported_with_its_object_and_retried(world: World) -> No
     assert any(type(s).__name__ == "CreateJobNetwork" for s in info.value.applied)
     assert {type(f.step).__name__ for f in info.value.failures} == {"CreateVxlan", "AddFloodEntry", "ReplaceFdb",
                                                                    "ReplaceNeigh"}
+    assert all(isinstance(f.cause, DependencyFailed) for f in info.value.failures if f is not failure)
     # The underlay appears (renamed): the next reconcile observes anew and finishes the job.
     sh("ip", "-n", n1.netns, "link", "set", "jnt-u1", "name", "jnt-missing")
     steps = n1.reconcile(world.desired("n1"))
@@ -270,3 +271,20 @@ def test_namespace_pinned_by_a_process_loses_its_veth_on_the_next_full_reconcile
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+def test_a_malformed_entry_fails_alone(world: World) -> None:
+    from dataclasses import replace as dc_replace
+
+    from nodeagent.kernel.errors import InvalidArgument
+
+    j = populate(world)
+    n1 = world.nodes["n1"]
+    desired = world.desired("n1")
+    bad = dc_replace(desired.endpoints[j["a2"].id], mac="02:zz:00:00:00:01")
+    desired = dc_replace(desired, endpoints={**desired.endpoints, bad.job_id: bad})
+    with pytest.raises(ReconcileError) as info:
+        n1.reconcile(desired)
+    assert sorted(type(f.step).__name__ for f in info.value.failures) == ["ReplaceFdb", "ReplaceNeigh"]
+    assert all(isinstance(f.cause, InvalidArgument) and bad.mac in str(f.cause) for f in info.value.failures)
+    assert (j["a3"].mac, "198.18.0.2") in fdb(n1, "jnx100")  # the rest of the batch went in
