@@ -151,12 +151,6 @@ class Namespaces:
 
         return self._in_thread(work)
 
-    def open_fd(self, path: Path) -> int:
-        try:
-            return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as e:
-            raise from_oserror("open netns", str(path), self.label, e) from e
-
     def remove(self, path: Path) -> None:
         """Unmount and unlink the namespace file; an already missing file or mount is fine. The namespace
         (and the veth in it) dies once no process or socket holds it any more."""

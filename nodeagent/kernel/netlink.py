@@ -3,8 +3,8 @@
 Each method is one netlink request (or one dump, retried on NLM_F_DUMP_INTR up to a bound). Failures are
 translated once, in `_call`, into `errors.KernelError` subclasses naming the operation, the object and
 the namespace; the kernel's ext_ack text (sockets are opened with ext_ack) becomes the detail. Deletes
-tolerate exactly the "already gone" errnos. (FDB and neighbour writes, and the job setup batch, go
-through rawnl.py.)
+tolerate exactly the "already gone" errnos. (The hot paths - FDB and neighbour entries, the job setup
+batch, the observation of job namespaces - use the minimal raw rtnetlink of rawnl.py instead.)
 """
 
 from __future__ import annotations
@@ -22,12 +22,7 @@ from nodeagent.kernel.errors import GONE_ERRNOS, DumpInterrupted, KernelError, f
 T = TypeVar("T")
 
 IFF_UP = 0x1
-NUD_NOARP = 0x40
-NUD_PERMANENT = 0x80
-NTF_SELF = 0x02
-AF_BRIDGE = 7
 DUMP_RETRIES = 5
-ZERO_MAC = "00:00:00:00:00:00"
 
 
 @dataclass(frozen=True)
@@ -40,23 +35,6 @@ class LinkRec:
     master: int  # 0 when none
     address: str
     data: dict[str, Any]  # IFLA_INFO_DATA attributes by their full name (IFLA_VXLAN_ID, IFLA_BR_STP_STATE, ...)
-
-
-@dataclass(frozen=True)
-class FdbRec:
-    ifindex: int
-    mac: str
-    dst: str  # "" when the entry has no NDA_DST (bridge master entries)
-    state: int
-    flags: int
-
-
-@dataclass(frozen=True)
-class NeighRec:
-    ifindex: int
-    ip: str
-    mac: str
-    state: int
 
 
 @dataclass(frozen=True)
@@ -179,18 +157,6 @@ class Netlink:
 
     def delete_link(self, ifname: str) -> None:
         self._call("delete link", ifname, lambda: self._ipr.link("del", ifname=ifname), gone_ok=True)
-
-    # -- fdb / neigh ------------------------------------------------------------------------------
-
-    def fdb(self) -> list[FdbRec]:
-        return [FdbRec(int(m["ifindex"]), str(m.get("NDA_LLADDR") or ""), str(m.get("NDA_DST") or ""),
-                       int(m["state"]), int(m["flags"]))
-                for m in self._dump("fdb", lambda: self._ipr.fdb("dump"))]
-
-    def neighbours(self) -> list[NeighRec]:
-        return [NeighRec(int(m["ifindex"]), str(m.get("NDA_DST") or ""), str(m.get("NDA_LLADDR") or ""),
-                         int(m["state"]))
-                for m in self._dump("neighbours", lambda: self._ipr.neigh("dump", family=socket.AF_INET))]
 
     # -- addresses / routes -----------------------------------------------------------------------
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from nodeagent.kernel.errors import DumpInterrupted, KernelError, from_errno
 
 NLMSG_ERROR, NLMSG_DONE = 2, 3
-RTM_GETLINK, RTM_GETADDR, RTM_GETROUTE = 18, 22, 26
+RTM_GETLINK, RTM_GETADDR, RTM_GETROUTE, RTM_GETNEIGH = 18, 22, 26, 30
 NLM_F_DUMP, NLM_F_DUMP_INTR = 0x300, 0x10
 DUMP_RETRIES = 5
 RTM_NEWLINK, RTM_NEWADDR, RTM_NEWROUTE, RTM_NEWNEIGH, RTM_DELNEIGH = 16, 20, 24, 28, 29
@@ -246,6 +246,26 @@ def _dump(sock: socket.socket, kind: int, body: bytes, netns: str, what: str) ->
         if not interrupted:
             return out
     raise DumpInterrupted("dump", what, netns, 0, f"interrupted {DUMP_RETRIES} times")
+
+
+@dataclass(frozen=True)
+class NeighInfo:
+    ifindex: int
+    state: int
+    flags: int
+    dst: str  # "" without NDA_DST (or not IPv4)
+    mac: str
+
+
+def neighbours(sock: socket.socket, family: int, netns: str) -> list[NeighInfo]:
+    """Neighbour (AF_INET) or FDB (AF_BRIDGE) entries."""
+    out = []
+    what = "fdb" if family == AF_BRIDGE else "neighbours"
+    for hdr, a in _dump(sock, RTM_GETNEIGH, _ndmsg(family, 0, 0, 0), netns, what):
+        _, ifindex, state, flags, _ = struct.unpack("=BxxxiHBB", hdr)
+        out.append(NeighInfo(ifindex, state, flags, _ip(a.get(NDA_DST, b"")),
+                             ":".join(f"{b:02x}" for b in a.get(NDA_LLADDR, b""))))
+    return out
 
 
 def _ip(raw: bytes) -> str:
