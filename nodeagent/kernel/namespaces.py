@@ -151,6 +151,31 @@ class Namespaces:
 
         return self._in_thread(work)
 
+    def run_in_each(self, paths: Mapping[str, Path], fn: Callable[[str, Path], T]) -> dict[str, T | KernelError]:
+        """`fn(key, path)` inside each namespace in turn, all from ONE worker thread (a full reconcile
+        visits every job namespace). A namespace that cannot be entered yields its KernelError instead
+        (NotFound: the file is gone; InvalidArgument: it is not a network namespace)."""
+
+        def work() -> dict[str, T | KernelError]:
+            out: dict[str, T | KernelError] = {}
+            for key, path in paths.items():
+                try:
+                    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                except OSError as e:
+                    out[key] = from_oserror("open netns", str(path), self.label, e)
+                    continue
+                try:
+                    _setns(fd, path.name)
+                except KernelError as e:
+                    out[key] = e
+                    continue
+                finally:
+                    os.close(fd)
+                out[key] = fn(key, path)
+            return out
+
+        return self._in_thread(work)
+
     def remove(self, path: Path) -> None:
         """Unmount and unlink the namespace file; an already missing file or mount is fine. The namespace
         (and the veth in it) dies once no process or socket holds it any more."""

@@ -121,9 +121,6 @@ class Netlink:
                        master=int(m.get("IFLA_MASTER") or 0), address=str(m.get("IFLA_ADDRESS") or ""),
                        data=data)
 
-    def links(self) -> list[LinkRec]:
-        return [self._link_rec(m) for m in self._dump("links", lambda: self._ipr.link("dump"))]
-
     def link(self, ifname: str) -> LinkRec | None:
         """One link by name (a targeted RTM_GETLINK, not a dump); None when it does not exist."""
         out = self._call("get link", ifname, lambda: self._ipr.link("get", ifname=ifname), gone_ok=True)

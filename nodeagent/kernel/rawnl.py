@@ -30,7 +30,7 @@ NLM_F_REQUEST, NLM_F_ACK, NLM_F_REPLACE, NLM_F_EXCL, NLM_F_CREATE, NLM_F_APPEND 
 NLM_F_ACK_TLVS = 0x200  # in an ack: extended ack attributes follow
 NLMSGERR_ATTR_MSG = 1
 SOL_NETLINK, NETLINK_CAP_ACK, NETLINK_EXT_ACK = 270, 10, 11
-IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_LINKINFO, IFLA_NET_NS_FD = 1, 3, 4, 18, 28
+IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_MASTER, IFLA_LINKINFO, IFLA_NET_NS_FD = 1, 3, 4, 10, 18, 28
 IFLA_INFO_KIND, IFLA_INFO_DATA, VETH_INFO_PEER = 1, 2, 1
 IFA_ADDRESS, IFA_LOCAL = 1, 2
 RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_TABLE = 1, 4, 5, 15
@@ -191,6 +191,9 @@ class LinkInfo:
     up: bool
     mtu: int
     mac: str
+    master: int = 0
+    kind: str = ""
+    data: dict[int, bytes] | None = None  # IFLA_INFO_DATA attributes by type (IFLA_VXLAN_*, IFLA_BR_*)
 
 
 @dataclass(frozen=True)
@@ -268,6 +271,18 @@ def neighbours(sock: socket.socket, family: int, netns: str) -> list[NeighInfo]:
     return out
 
 
+def u32(raw: bytes | None) -> int:
+    return struct.unpack("=I", raw)[0] if raw and len(raw) == 4 else (raw[0] if raw and len(raw) == 1 else 0)
+
+
+def be16(raw: bytes | None) -> int:
+    return struct.unpack("!H", raw)[0] if raw and len(raw) == 2 else 0
+
+
+def ip4(raw: bytes | None) -> str:
+    return _ip(raw or b"")
+
+
 def _ip(raw: bytes) -> str:
     return str(ipaddress.IPv4Address(raw)) if len(raw) == 4 else ""
 
@@ -277,8 +292,15 @@ def links(sock: socket.socket, netns: str) -> list[LinkInfo]:
     for hdr, a in _dump(sock, RTM_GETLINK, _ifinfo(), netns, "links"):
         _, _, index, flags, _ = struct.unpack("=BxHiII", hdr)
         mtu = struct.unpack("=I", a[IFLA_MTU])[0] if IFLA_MTU in a else 0
+        master = struct.unpack("=I", a[IFLA_MASTER])[0] if IFLA_MASTER in a else 0
+        kind, data = "", None
+        if IFLA_LINKINFO in a:
+            info = _attrs(a[IFLA_LINKINFO], 0, len(a[IFLA_LINKINFO]))
+            kind = info.get(IFLA_INFO_KIND, b"").rstrip(b"\0").decode()
+            if IFLA_INFO_DATA in info:
+                data = _attrs(info[IFLA_INFO_DATA], 0, len(info[IFLA_INFO_DATA]))
         out.append(LinkInfo(index, a.get(IFLA_IFNAME, b"").rstrip(b"\0").decode(), bool(flags & IFF_UP), mtu,
-                            ":".join(f"{b:02x}" for b in a.get(IFLA_ADDRESS, b""))))
+                            ":".join(f"{b:02x}" for b in a.get(IFLA_ADDRESS, b"")), master, kind, data))
     return out
 
 

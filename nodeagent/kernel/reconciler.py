@@ -104,7 +104,7 @@ class NetworkReconciler:
 
     def _observe(self) -> Observed:
         self._model = None  # should observing fail, the next reconcile tries again
-        obs, index = observe(self._nl, self._ns, self.settings.netns_dir)
+        obs, index = observe(self._ns, self.settings.netns_dir)
         self._applier.reset_index(index)
         self._model = obs
         return obs
