@@ -288,3 +288,18 @@ def test_a_malformed_entry_fails_alone(world: World) -> None:
     assert sorted(type(f.step).__name__ for f in info.value.failures) == ["ReplaceFdb", "ReplaceNeigh"]
     assert all(isinstance(f.cause, InvalidArgument) and bad.mac in str(f.cause) for f in info.value.failures)
     assert (j["a3"].mac, "198.18.0.2") in fdb(n1, "jnx100")  # the rest of the batch went in
+
+
+def test_namespace_files_that_are_no_namespaces_are_replaced_or_removed(world: World) -> None:
+    j = populate(world)
+    n1 = world.nodes["n1"]
+    n1.reconcile(world.desired("n1"))
+    # As after a reboot: the files are there, the mounts (and namespaces) are not.
+    sh("umount", str(n1.job_ns(j["a1"].id)))
+    (n1.netns_dir / "jnj-0000dead00").write_text("")  # a job this node no longer has
+    steps = n1.reconcile(world.desired("n1"), full=True)
+    assert [type(s).__name__ for s in steps] == ["DeleteJobNetwork", "DeleteJobNetwork", "CreateJobNetwork"]
+    assert not (n1.netns_dir / "jnj-0000dead00").exists()
+    assert n1.reconcile(world.desired("n1"), full=True) == []
+    addrs = json.loads(n1.in_job(j["a1"].id, "ip", "-j", "addr", "show", "eth0").stdout)
+    assert addrs[0]["addr_info"][0]["local"] == j["a1"].ip
