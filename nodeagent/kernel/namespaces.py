@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import errno as errno_mod
 import os
 import socket
@@ -23,7 +22,7 @@ from typing import TypeVar
 
 from nodeagent.kernel.errors import GONE_ERRNOS, KernelError, from_errno, from_oserror
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+_libc = ctypes.CDLL(None, use_errno=True)  # libc is loaded already (find_library would run ldconfig)
 
 CLONE_NEWNET = 0x40000000
 MS_BIND = 0x1000
