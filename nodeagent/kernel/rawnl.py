@@ -25,6 +25,7 @@ NLMSG_ERROR, NLMSG_DONE = 2, 3
 RTM_GETLINK, RTM_GETADDR, RTM_GETROUTE, RTM_GETNEIGH = 18, 22, 26, 30
 NLM_F_DUMP, NLM_F_DUMP_INTR = 0x300, 0x10
 DUMP_RETRIES = 5
+RECV_SIZE = 1 << 16
 RTM_NEWLINK, RTM_NEWADDR, RTM_NEWROUTE, RTM_NEWNEIGH, RTM_DELNEIGH = 16, 20, 24, 28, 29
 NLM_F_REQUEST, NLM_F_ACK, NLM_F_REPLACE, NLM_F_EXCL, NLM_F_CREATE, NLM_F_APPEND = 0x1, 0x4, 0x100, 0x200, 0x400, 0x800
 NLM_F_ACK_TLVS = 0x200  # in an ack: extended ack attributes follow
@@ -149,7 +150,7 @@ def send_all(sock: socket.socket, requests: list[Request], netns: str, chunk: in
         errors: dict[int, tuple[int, str]] = {}
         pending = set(range(1, len(part) + 1))
         while pending:
-            data = sock.recv(1 << 20)
+            data = _recv(sock, netns)
             off = 0
             while off + 16 <= len(data):
                 length, kind, flags, seq = struct.unpack_from("=IHHI", data, off)
@@ -165,6 +166,13 @@ def send_all(sock: socket.socket, requests: list[Request], netns: str, chunk: in
             e = errors.get(seq)
             out.append(None if e is None else from_errno(r.op, r.obj, netns, *e))
     return out
+
+
+def _recv(sock: socket.socket, netns: str) -> bytes:
+    data, _, flags, _ = sock.recvmsg(RECV_SIZE)
+    if flags & socket.MSG_TRUNC:  # never for rtnetlink (datagrams are at most 32 KiB), but never silently
+        raise KernelError("receive", "rtnetlink reply", netns, 90, f"reply longer than {RECV_SIZE} bytes")
+    return data
 
 
 def _ext_ack_msg(msg: bytes, flags: int) -> str:
@@ -230,7 +238,7 @@ def _dump(sock: socket.socket, kind: int, body: bytes, netns: str, what: str) ->
         out: list[tuple[bytes, dict[int, bytes]]] = []
         interrupted = done = False
         while not done:
-            data = sock.recv(65536)
+            data = _recv(sock, netns)
             off = 0
             while off + 16 <= len(data):
                 length, mtype, flags = struct.unpack_from("=IHH", data, off)
