@@ -303,3 +303,13 @@ def test_namespace_files_that_are_no_namespaces_are_replaced_or_removed(world: W
     assert n1.reconcile(world.desired("n1"), full=True) == []
     addrs = json.loads(n1.in_job(j["a1"].id, "ip", "-j", "addr", "show", "eth0").stdout)
     assert addrs[0]["addr_info"][0]["local"] == j["a1"].ip
+
+
+def test_a_restarted_reconciler_adopts_what_is_there(world: World) -> None:
+    j = populate(world)
+    world.reconcile_all()
+    for node in world.nodes.values():  # as after an agent restart: a new reconciler, same kernel
+        node.stop()
+        node.start()
+    assert world.reconcile_all() == {"n1": [], "n2": []}  # its first reconcile observes the kernel
+    assert ping_ok(world.nodes["n1"], j["a1"].id, j["a3"].ip)
