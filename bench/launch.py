@@ -9,10 +9,10 @@ route), mount namespace, PID namespace, a cgroup, pivot_root into a minimal read
 /proc, /dev, /dev/shm, /sys, /tmp, /var/tmp and /scratch mounted in it, uid/gid 65534, every capability set
 empty, no_new_privs.
 
-How "first instruction" is measured. The job command is a 170-byte static x86-64 ELF this bench writes into
-the rootfs (hand-assembled: no libc, no dynamic loader). Its very first instruction is the clock_gettime
-(CLOCK_MONOTONIC) system call; it writes the 16-byte timespec to its stdout (a file in the job's scratch dir
-for jobnet, a file given to `crun run -d` for crun) and then exits, or waits in pause() for the live-jobs
+How "first instruction" is measured. The job command is a 165-byte (174 with pause) static x86-64 ELF this
+bench writes into the rootfs (hand-assembled: no libc, no dynamic loader). Its very first instruction is the
+clock_gettime(CLOCK_MONOTONIC) system call; it writes the 16-byte timespec to its stdout (a file in the job's
+scratch dir for jobnet, a file given to `crun run -d` for crun) and then exits, or waits in pause() for the live-jobs
 phase. The bench takes t0 = time.monotonic() (the same clock: neither side uses a time namespace) just
 before the request and reads the stamp whenever it likes afterwards, so the figure does not depend on how
 or when the bench observes it (no polling, inotify or python start-up inside the measured interval).
@@ -26,7 +26,7 @@ What is timed:
           `crun run -d` of a bundle whose config joins that namespace; latency = stamp - t0 (end to end)
           and the CNI ADD and crun parts separately. NOT counted for the peers (conservative for jobnet):
           creating the network namespace (`ip netns add`), writing config.json, making the scratch dirs.
-          crun runs as one long-lived private mount namespace with /sys/fs/cgroup/unified unmounted (Debian's
+          crun runs in one long-lived private mount namespace with /sys/fs/cgroup/unified unmounted (Debian's
           crun 1.8.1 refuses a hybrid cgroup layout otherwise): set up once, not per job.
   teardown jobnet: `JobRuntime.stop(job, 0)` + `cleanup(job)` (returns once the init is dead and the
           cgroup removed), then the job's removal from the desired state + reconcile (netns unmounted).
