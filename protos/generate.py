@@ -10,6 +10,7 @@ are committed; tests/unit/test_protos_fresh.py fails when they are stale.
 from __future__ import annotations
 
 import filecmp
+import os
 import shutil
 import sys
 import tempfile
@@ -24,6 +25,11 @@ def generate(out: Path) -> None:
     from grpc_tools import protoc  # imported late: only this tool needs grpcio-tools
 
     include = str(Path(protoc.__file__).parent / "_proto")
+    # protoc finds its mypy plugins on PATH: look next to this interpreter first (a venv's bin/),
+    # so `.venv/bin/python protos/generate.py` works without activating the venv.
+    bindir = str(Path(sys.executable).parent)
+    if bindir not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
     args = [
         "protoc",
         f"-I{ROOT}",

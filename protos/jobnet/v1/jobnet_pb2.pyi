@@ -232,9 +232,10 @@ class CreateGroupRequest(_message.Message):
     """At most one of cidr / prefix_len; neither means the pool's default prefix length."""
     prefix_len: _builtins.int
     vni: _builtins.int
-    """0: allocate one"""
+    """Unset: the controller allocates a VNI / computes the MTU from the underlay MTU.
+    Set: used as given, after validation (a VNI of 0 or an MTU the underlay cannot carry is refused).
+    """
     mtu: _builtins.int
-    """0: computed from the underlay MTU"""
     ipv6: _builtins.bool
     """reserved for later: IPv6 inside the group's jobs"""
     def __init__(
@@ -243,15 +244,22 @@ class CreateGroupRequest(_message.Message):
         name: _builtins.str = ...,
         cidr: _builtins.str = ...,
         prefix_len: _builtins.int = ...,
-        vni: _builtins.int = ...,
-        mtu: _builtins.int = ...,
+        vni: _builtins.int | None = ...,
+        mtu: _builtins.int | None = ...,
         ipv6: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_mtu", b"_mtu", "_vni", b"_vni", "mtu", b"mtu", "vni", b"vni"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cidr", b"cidr", "ipv6", b"ipv6", "mtu", b"mtu", "name", b"name", "prefix_len", b"prefix_len", "vni", b"vni"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_mtu", b"_mtu", "_vni", b"_vni", "cidr", b"cidr", "ipv6", b"ipv6", "mtu", b"mtu", "name", b"name", "prefix_len", b"prefix_len", "vni", b"vni"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__mtu: _TypeAlias = _typing.Literal["mtu"]  # noqa: Y015
+    _WhichOneofArgType__mtu: _TypeAlias = _typing.Literal["_mtu", b"_mtu"]  # noqa: Y015
+    _WhichOneofReturnType__vni: _TypeAlias = _typing.Literal["vni"]  # noqa: Y015
+    _WhichOneofArgType__vni: _TypeAlias = _typing.Literal["_vni", b"_vni"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__mtu) -> _WhichOneofReturnType__mtu | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__vni) -> _WhichOneofReturnType__vni | None: ...
 
 Global___CreateGroupRequest: _TypeAlias = CreateGroupRequest  # noqa: Y015
 
