@@ -1,0 +1,143 @@
+"""`jobnet-controller`: the central gRPC controller."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+import grpc
+
+from controller.core import Config, Controller
+from controller.service import ControllerService
+from controller.store_sqlite import SchemaError, SqliteStore
+from protos.jobnet.v1 import jobnet_pb2_grpc as pbg
+
+log = logging.getLogger("jobnet.controller")
+
+EPILOG = """\
+examples:
+  # one controller for a cluster whose nodes talk VXLAN over 10.1.0.0/16, CLI on the local socket
+  jobnet-controller --listen 10.0.0.5:7400 --listen unix:/run/jobnet/controller.sock \\
+      --db /var/lib/jobnet/controller.db --underlay 10.1.0.0/16
+
+  # group subnets from 172.30.0.0/16, /26 each unless a group asks otherwise; 9000-byte underlay
+  jobnet-controller --pool 172.30.0.0/16 --default-prefix 26 --underlay-mtu 9000
+
+State (groups, nodes, jobs, addresses) lives in the SQLite file given by --db and survives restarts;
+agents reconnect by themselves and get the delta since the revision they hold.
+"""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="jobnet-controller",
+        description="jobnet controller: assigns job groups to private subnets (IPAM, VXLAN VNIs), keeps the "
+        "node registry and each node's desired state, and streams it to the node agents.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--listen", action="append", default=[], metavar="ADDR",
+                   help="HOST:PORT or unix:/path to serve on; repeatable "
+                   "(default: 0.0.0.0:7400 and unix:/run/jobnet/controller.sock)")
+    p.add_argument("--db", type=Path, default=Path("/var/lib/jobnet/controller.db"),
+                   help="SQLite state file (default: %(default)s)")
+    p.add_argument("--pool", default="10.200.0.0/16", help="where group subnets come from (default: %(default)s)")
+    p.add_argument("--default-prefix", type=int, default=24,
+                   help="prefix length of a group's subnet when it asks for none (default: %(default)s)")
+    p.add_argument("--underlay", action="append", default=[], metavar="CIDR",
+                   help="the nodes' underlay network; nodes must register from inside it and no group subnet "
+                   "may overlap it (repeatable)")
+    p.add_argument("--underlay-mtu", type=int, default=1500,
+                   help="underlay MTU; a group's MTU is this minus 50 (VXLAN over IPv4) (default: %(default)s)")
+    p.add_argument("--quarantine-seconds", type=float, default=600,
+                   help="an address released by a finished job is not handed out again for this long "
+                   "(default: %(default)s)")
+    p.add_argument("--node-timeout-seconds", type=float, default=10,
+                   help="a node without a heartbeat for this long is marked lost (default: %(default)s)")
+    p.add_argument("--heartbeat-interval-ms", type=int, default=2000,
+                   help="how often agents send heartbeats (default: %(default)s)")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    a = p.parse_args(argv)
+    try:
+        a.pool_net = ipaddress.IPv4Network(a.pool)
+        a.underlay_nets = tuple(ipaddress.IPv4Network(u) for u in a.underlay)
+    except ValueError as e:
+        p.error(f"{e} (give networks as CIDR with the host bits clear, e.g. 10.200.0.0/16)")
+    if a.node_timeout_seconds * 1000 < 2 * a.heartbeat_interval_ms:
+        p.error("--node-timeout-seconds must be at least two heartbeat intervals")
+    if not 1280 <= a.underlay_mtu <= 65535:
+        p.error("--underlay-mtu must be between 1280 and 65535")
+    a.listen = a.listen or ["0.0.0.0:7400", "unix:/run/jobnet/controller.sock"]
+    return a
+
+
+async def serve(a: argparse.Namespace) -> int:
+    try:
+        store = SqliteStore(a.db)
+    except (SchemaError, OSError) as e:
+        log.error("cannot open the state file: %s", e)
+        return 1
+    cfg = Config(pool=a.pool_net, default_prefix=a.default_prefix, underlays=a.underlay_nets,
+                 underlay_mtu=a.underlay_mtu, quarantine_s=a.quarantine_seconds,
+                 node_timeout_s=a.node_timeout_seconds, heartbeat_interval_ms=a.heartbeat_interval_ms)
+    try:
+        core = Controller(store, cfg)
+    except ValueError as e:
+        log.error("%s", e)
+        return 2
+    service = ControllerService(core)
+    server = grpc.aio.server(options=[("grpc.keepalive_permit_without_calls", 1),
+                                      ("grpc.http2.min_ping_interval_without_data_ms", 5000)])
+    pbg.add_ControllerServicer_to_server(service, server)
+    for addr in a.listen:
+        if addr.startswith("unix:"):
+            path = Path(addr.removeprefix("unix:").removeprefix("//"))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()  # a stale socket of an earlier run
+        try:
+            server.add_insecure_port(addr)
+        except RuntimeError as e:
+            log.error("cannot listen on %s: %s", addr, e)
+            return 1
+    await server.start()
+    print(f"jobnet-controller listening on {', '.join(a.listen)} (state {a.db}, revision {core.c.revision})",
+          flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    async def watchdog() -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                core.check_lost()
+            except Exception:
+                log.exception("node liveness check failed")
+
+    task = asyncio.create_task(watchdog())
+    await stop.wait()
+    log.info("shutting down")
+    task.cancel()
+    await service.close()
+    await server.stop(grace=2)
+    store.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    logging.basicConfig(level=a.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.umask(0o077)
+    return asyncio.run(serve(a))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
