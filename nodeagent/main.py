@@ -104,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format=f"%(asctime)s {args.name} %(levelname)s %(name)s: %(message)s")
+    # pyroute2 logs every netlink message at DEBUG: far too much even when debugging jobnet.
+    logging.getLogger("pyroute2").setLevel(max(logging.INFO, logging.getLogger().level))
     log = logging.getLogger("jobnet.agent")
     if args.netns:
         try:

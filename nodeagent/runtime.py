@@ -17,6 +17,7 @@ from nodeagent.config import AgentSettings
 from nodeagent.desired import LocalJob
 from nodeagent.isolation import IsolationSpec, JobRuntime, LaunchRequest, RuntimeSettings, SetupFailed
 from nodeagent.isolation.cgroups import CgroupLimits, IoDeviceLimit
+from nodeagent.isolation.state import list_job_ids
 from nodeagent.site import load_site
 
 __all__ = ["RuntimeAdapter", "SetupFailed", "make_runtime", "spec_from_isolation"]
@@ -93,8 +94,8 @@ class RuntimeAdapter:
         return self.rt.running()
 
     def known_jobs(self) -> set[str]:
-        d = self.s.state_dir / "jobs"
-        return {p.name for p in d.iterdir() if p.is_dir()} if d.is_dir() else set()
+        # Hidden entries (".w<hex>") are the runtime's warm launch slots, not jobs.
+        return set(list_job_ids(self.s.state_dir / "jobs"))
 
     def cleanup(self, job_id: str) -> None:
         """Keep the job's output, then release everything else the job had."""
