@@ -55,7 +55,7 @@ class UsageError(Exception):
 # ---------------------------------------------------------------- parsing of argument values
 
 
-_SIZE_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?$", re.IGNORECASE)
+_SIZE_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*([kmgt]?)(ib|i|b)?$", re.IGNORECASE)
 _SIZE_UNITS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}
 
 
@@ -103,11 +103,13 @@ def parse_duration(text: str) -> int:
 def parse_cpus(text: str) -> int:
     """CPUs -> millicores: '1.5' -> 1500, '0.25' -> 250; '500m' is 500 millicores."""
     s = text.strip().lower()
+    if s in ("nan", "inf", "infinity", "+inf", "-inf"):
+        raise ValueError(f"invalid CPU count {text!r}: use CPUs (1, 1.5, 0.25) or millicores (500m)")
     try:
         millis = int(s[:-1]) if s.endswith("m") else round(float(s) * 1000)
     except ValueError:
         raise ValueError(f"invalid CPU count {text!r}: use CPUs (1, 1.5, 0.25) or millicores (500m)") from None
-    if not 1 <= millis <= UINT32_MAX or s in ("nan", "inf"):
+    if not 1 <= millis <= UINT32_MAX:
         raise ValueError(f"invalid CPU count {text!r}: must be at least 0.001 (1m)")
     return millis
 
@@ -236,7 +238,7 @@ def format_fields(fields: Sequence[tuple[str, object]], indent: int = 0) -> str:
     """'Key:  value' lines with the values aligned; a value that is itself a list of (key, value) pairs
     becomes an indented block under its key."""
     flat = [k for k, v in fields if not isinstance(v, list)]
-    width = max((len(k) for k in flat), default=0) + 2
+    width = max((len(k) for k in flat), default=0) + 3  # 'key:' and two spaces
     pad = " " * indent
     lines = []
     for key, value in fields:
@@ -244,7 +246,8 @@ def format_fields(fields: Sequence[tuple[str, object]], indent: int = 0) -> str:
             lines.append(f"{pad}{key}:")
             lines.append(format_fields(value, indent + 2))
         else:
-            lines.append(f"{pad}{(key + ':').ljust(width)}{value}".rstrip())
+            text = "-" if value is None or value == "" else value
+            lines.append(f"{pad}{(key + ':').ljust(width)}{text}".rstrip())
     return "\n".join(lines)
 
 
@@ -358,7 +361,14 @@ def _short(text: str, width: int) -> str:
 
 def to_dict(msg: Message) -> dict[str, Any]:
     """The JSON form of an API message: proto field names, every field present (zero values too),
-    enums by name, 64-bit integers as numbers where they fit a double."""
+    enums by name, 64-bit integers as numbers where they fit a double. A job always has its `isolation`
+    (with `resources`) and `usage` objects; unset timestamps and an unset uid/gid are left out."""
+    if isinstance(msg, pb.Job):
+        job = pb.Job()
+        job.CopyFrom(msg)
+        job.isolation.resources.SetInParent()
+        job.usage.SetInParent()
+        msg = job
     return json_format.MessageToDict(msg, always_print_fields_with_no_presence=True,
                                      preserving_proto_field_name=True, unquote_int64_if_possible=True)
 
@@ -411,8 +421,11 @@ def emit_json(value: object) -> None:
 
 
 def cmd_group_create(ctx: Ctx, a: argparse.Namespace) -> int:
-    req = pb.CreateGroupRequest(name=a.name, cidr=a.cidr or "", prefix_len=a.prefix_len or 0,
-                                vni=a.vni or 0, mtu=a.mtu or 0)
+    req = pb.CreateGroupRequest(name=a.name, cidr=a.cidr or "", prefix_len=a.prefix_len or 0)
+    if a.vni is not None:  # optional fields: unset means "the controller chooses"
+        req.vni = a.vni
+    if a.mtu is not None:
+        req.mtu = a.mtu
     group = ctx.stub.CreateGroup(req, timeout=ctx.timeout)
     if ctx.json:
         emit_json(to_dict(group))
