@@ -190,3 +190,24 @@ def test_close_keeps_a_parent_with_running_jobs(v1: V1Manager) -> None:
     v1.create("keep", CgroupLimits())
     v1.close()  # jobs outlive the agent: the parent stays
     assert v1.list_jobs() == ["keep"]
+
+
+def test_rename_keeps_processes_and_limits(v1: V1Manager, spawn) -> None:  # type: ignore[no-untyped-def]
+    assert v1.can_rename
+    cg = v1.create("wslot", CgroupLimits(pids_max=33))
+    c = spawn("import time; time.sleep(600)")
+    cg.attach(c.pid)
+    cg.rename("job1")
+    assert cg.job_id == "job1" and v1.list_jobs() == ["job1"] and v1.open("wslot") is None
+    assert all(d.name == "jn-job1" and d.is_dir() for d in cg.dirs.values())
+    assert cg.procs() == [c.pid] and _read(v1, "job1", "pids", "pids.max") == "33"
+    text = Path(f"/proc/{c.pid}/cgroup").read_text()
+    assert f"/{v1.parent}/jn-job1" in text and "wslot" not in text
+    v1.create("taken", CgroupLimits())
+    with pytest.raises(CgroupIOError, match="rename"):  # never replaces another job's cgroup
+        cg.rename("taken")
+    assert cg.procs() == [c.pid]
+    cg.kill_all()
+    assert cg.wait_empty(5.0)
+    cg.destroy()
+    assert v1.list_jobs() == ["taken"]

@@ -111,3 +111,11 @@ def test_adopt_with_a_new_manager(v2: V2Manager, spawn) -> None:  # type: ignore
     again.close()
     assert not v2.parent_dir.exists()
     assert not os.path.exists(f"/proc/{c.pid}") or is_dead(c.pid)
+
+
+def test_rename_is_refused(v2: V2Manager) -> None:
+    assert not v2.can_rename
+    cg = v2.create("wslot", CgroupLimits())
+    with pytest.raises(CgroupUnsupported, match="rename"):
+        cg.rename("job1")
+    assert v2.list_jobs() == ["wslot"]

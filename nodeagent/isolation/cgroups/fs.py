@@ -90,6 +90,14 @@ def rmdir(path: Path, busy_timeout: float = 0.5) -> None:
         delay = min(delay * 2, 0.02)
 
 
+def rename(src: Path, dst: Path) -> None:
+    """rename(2) of a cgroup directory within its parent (v1 only); fails with EEXIST rather than replace."""
+    try:
+        os.rename(src, dst)
+    except OSError as e:
+        raise CgroupIOError(str(src), "rename", e, str(dst)) from e
+
+
 def pids_in(path: Path) -> list[int]:
     """The pids in cgroup.procs of a cgroup directory ([] if it is gone)."""
     return [int(x) for x in (read(path / "cgroup.procs") or "").split()]

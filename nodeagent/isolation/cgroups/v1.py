@@ -121,6 +121,25 @@ class V1JobCgroup:
             delay = min(delay * 2, 0.01)
         return True
 
+    def rename(self, job_id: str) -> None:
+        """Rename the job's directory in every hierarchy to `jn-<job_id>` (v1 allows a rename within the parent;
+        the processes stay where they are). Used to give a pre-made cgroup (a warm launch slot) its job's name.
+
+        The primary hierarchy (freezer, used by procs/kill_all) is renamed last, so a rename cut short (agent
+        killed) leaves the old name's freezer dir in place and `kill_all` under the old name still works.
+        On failure the object reflects exactly which directories were renamed (CgroupIOError names the path).
+        """
+        name = job_dir_name(job_id)
+        order = [d for d in self._unique if d != self._primary] + [self._primary]
+        for d in order:
+            new = d.parent / name
+            fs.rename(d, new)
+            self.dirs = {c: (new if p == d else p) for c, p in self.dirs.items()}
+            self._unique = [new if p == d else p for p in self._unique]
+            if d == self._primary:
+                self._primary = new
+        self.job_id = job_id
+
     def destroy(self) -> None:
         """Remove the job's directory in every hierarchy; gone is fine; EBUSY is retried briefly."""
         first: CgroupError | None = None
@@ -137,6 +156,7 @@ class V1Manager:
     """Job cgroups under `<hierarchy>/<parent>/jn-<job_id>` in each v1 hierarchy in `mounts`."""
 
     version = 1
+    can_rename = True  # V1JobCgroup.rename: cgroup v1 allows renaming a cgroup directory within its parent
 
     def __init__(self, parent: str, mounts: dict[str, Path]) -> None:
         self.parent = check_parent(parent)

@@ -122,6 +122,10 @@ class V2JobCgroup:
                 poller.poll(min(left, delay) * 1000)  # bounded: never rely on the notification alone
                 delay = min(delay * 2, 0.05)
 
+    def rename(self, job_id: str) -> None:
+        """Not possible: the unified hierarchy refuses to rename a cgroup (EPERM); see V2Manager.can_rename."""
+        raise CgroupUnsupported(self.name, "rename", "cgroup v2 does not allow renaming a cgroup")
+
     def destroy(self) -> None:
         fs.rmdir(self.path)
 
@@ -130,6 +134,7 @@ class V2Manager:
     """Job cgroups under `<root>/<parent>/jn-<job_id>` on a cgroup2 hierarchy mounted at `root`."""
 
     version = 2
+    can_rename = False  # the unified hierarchy refuses rename(2) of a cgroup directory
 
     def __init__(self, root: Path, parent: str) -> None:
         self.root = root
