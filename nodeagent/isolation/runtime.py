@@ -77,11 +77,12 @@ class JobCgroupLike(Protocol):
     def oom_killed(self) -> bool: ...
     def kill_all(self) -> None: ...
     def wait_empty(self, timeout: float, /) -> Any: ...
+    def rename(self, job_id: str, /) -> None: ...  # called only if the manager's `can_rename` is true
     def destroy(self) -> None: ...
 
 
 class CgroupManagerLike(Protocol):
-    """What the runtime uses of nodeagent.isolation.cgroups.CgroupManager."""
+    """What the runtime uses of nodeagent.isolation.cgroups.CgroupManager (and its `can_rename`, if present)."""
 
     def create(self, job_id: str, limits: Any, /) -> Any: ...
     def open(self, job_id: str, /) -> Any: ...
@@ -289,6 +290,16 @@ class JobRuntime:
 
     # -- warm slots --------------------------------------------------------------------------------------
 
+    def wait_warm(self, timeout: float = 5.0) -> int:
+        """Wait until every warm slot is ready (at most `timeout` s); the number ready. For tests and benches."""
+        end = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                n = len(self._warm)
+            if n >= self.settings.warm_slots or time.monotonic() >= end:
+                return n
+            time.sleep(0.005)
+
     def _refill_loop(self) -> None:
         while not self._closed:
             self._warm_wake.wait()
@@ -414,11 +425,15 @@ class JobRuntime:
         warm = self._take_warm(plan)
         if warm is not None:
             rb.undo.append(("warm", warm.discard))
-        cg_name = warm.cg_name if warm is not None else plan.job_id
+        # a warm slot's cgroup gets the job's name where the hierarchy allows a rename (v1); else it keeps its own
+        rename = warm is not None and bool(getattr(self._cg, "can_rename", False))
+        cg_name = warm.cg_name if warm is not None and not rename else plan.job_id
         plan_json = {"job_id": plan.job_id, "scratch_dir": str(plan.scratch_dir), "netns_path": str(plan.netns_path),
                      "command": list(plan.child.command), "cgroup": cg_name}
+        if warm is not None:
+            plan_json["warm_slot"] = warm.cg_name
         if warm is not None and warm.skel is not None:
-            return self._launch_warm(plan, rb, st, warm, warm.skel, plan_json)
+            return self._launch_warm(plan, rb, st, warm, warm.skel, plan_json, rename)
         rb.do("state", lambda: st.create(plan_json), st.remove)
         fds: list[int] = []
 
@@ -474,9 +489,12 @@ class JobRuntime:
         return _Job(plan.job_id, pid, pidfd, cg, st, plan.scratch_dir, cgroup_name=plan.job_id)
 
     def _launch_warm(self, plan: LaunchPlan, rb: _Rollback, st: JobState, warm: _Warm, skel: _Skeleton,
-                     plan_json: dict[str, Any]) -> _Job:
+                     plan_json: dict[str, Any], rename: bool) -> _Job:
         """The launch through a warm slot: the init exists and sits in its cgroup, the state and scratch dirs
-        exist with their files open; they are renamed into place and the init gets the plan directly."""
+        exist with their files open; they are renamed into place and the init gets the plan directly. With
+        `rename` (cgroup v1) the slot's cgroup is renamed to the job's while the init sets up its namespaces,
+        so the job runs in `<parent>/jn-<job_id>` from its first instruction; plan.json names the cgroup
+        (written before the rename: after a crash, recover() finds it under either name)."""
         rb.do("state", lambda: linux.rename_noreplace(skel.state_dir, st.dir), st.remove)
         rb.do("state", lambda: os.write(skel.plan_fd, json.dumps(plan_json).encode()))
         rb.do("scratch", lambda: linux.rename_noreplace(skel.scratch_dir, plan.scratch_dir),
@@ -494,6 +512,8 @@ class JobRuntime:
         rb.do("spawn", lambda: os.write(skel.pid_fd, json.dumps(
             {"pid": warm.pid, "starttime": linux.proc_starttime(warm.pid) or 0}).encode()))
         skel.close()
+        if rename:  # the undo (warm.discard) destroys the cgroup under whatever name it has by then
+            rb.do("cgroup-rename", lambda: warm.cgroup.rename(plan.job_id))
         stash: list[dict[str, Any]] = []
         ready = self._expect(ctl, "mount", "ready", plan, stash)
         log.debug("job %s: in-namespace steps (ms): %s", plan.job_id, ready.get("ms"))
@@ -503,7 +523,8 @@ class JobRuntime:
         ctl.close()
         with self._lock:
             self._warm_names.discard(warm.cg_name)
-        return _Job(plan.job_id, warm.pid, warm.pidfd, warm.cgroup, st, plan.scratch_dir, cgroup_name=warm.cg_name)
+        return _Job(plan.job_id, warm.pid, warm.pidfd, warm.cgroup, st, plan.scratch_dir,
+                    cgroup_name=str(plan_json["cgroup"]))
 
     def _send_zygote(self, msg: dict[str, Any], fds: list[int]) -> None:
         with self._zlock:
@@ -692,7 +713,10 @@ class JobRuntime:
             cg = self._open_cgroup(job_id)
             if cg is not None:
                 log.warning("job %s: removing a cgroup without a job", job_id)
-                _destroy_cgroup(cg)
+                try:
+                    _destroy_cgroup(cg)
+                except Exception:  # one stuck cgroup must not stop the recovery of the others
+                    log.exception("cgroup %s: cannot remove it", job_id)
         for root in (self.settings.scratch_root, self.settings.state_dir):
             with contextlib.suppress(FileNotFoundError):
                 for d in root.iterdir():

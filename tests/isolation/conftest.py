@@ -1,6 +1,8 @@
-"""Fixtures for the job runtime tests: a throwaway network namespace (lo up only), a cgroup manager under a
-`jn-iso-*` parent, a JobRuntime whose state and scratch live under /var/lib/jn-iso-* (not under /tmp: /tmp is
-mounted under scratch inside jobs), and a minimal busybox rootfs. Everything is removed in finalizers."""
+"""Fixtures for the job runtime tests: a throwaway network namespace (lo up only), the real cgroup manager
+(nodeagent.isolation.cgroups, v1 or v2 as the machine has it) under a `jn-iso-*` parent (job cgroups
+`<hierarchy>/<parent>/jn-<job_id>`), a JobRuntime whose state and scratch live under /var/lib/jn-iso-* (not under
+/tmp: /tmp is mounted under scratch inside jobs), and a minimal busybox rootfs. Everything is removed in
+finalizers."""
 
 from __future__ import annotations
 
@@ -18,13 +20,7 @@ from typing import Any
 import pytest
 
 from nodeagent.isolation import IsolationSpec, JobExit, JobRuntime, LaunchRequest, RuntimeSettings
-
-try:
-    from nodeagent.isolation import cgroups as _cg
-
-    HAVE_CGROUPS = hasattr(_cg, "detect")
-except ImportError:
-    HAVE_CGROUPS = False
+from nodeagent.isolation.cgroups import CgroupLimits, CgroupManager, detect
 
 BUSYBOX = "/usr/bin/busybox"
 PYTHON = "/usr/bin/python3"
@@ -36,24 +32,15 @@ def rand(n: int = 6) -> str:
     return uuid.uuid4().hex[:n]
 
 
-def make_cgroups(parent: str) -> Any:
-    if HAVE_CGROUPS:
-        return _cg.detect(parent=parent)
-    from tests.isolation._fakecg import FakeCgroupManager
-
-    return FakeCgroupManager(parent)
+def make_cgroups(parent: str) -> CgroupManager:
+    return detect(parent=parent)
 
 
-def limits(**kw: Any) -> Any:
-    """CgroupLimits with the given fields (the class of whichever cgroup backend is in use)."""
-    if HAVE_CGROUPS:
-        return _cg.CgroupLimits(**kw)
-    from tests.isolation._fakecg import CgroupLimits
-
+def limits(**kw: Any) -> CgroupLimits:
     return CgroupLimits(**kw)
 
 
-def default_limits() -> Any:
+def default_limits() -> CgroupLimits:
     return limits()
 
 
@@ -109,10 +96,12 @@ def parent() -> Iterator[str]:
 @pytest.fixture(params=[1, 0], ids=["warm", "cold"])
 def runtime(request: pytest.FixtureRequest, workdir: Path, parent: str) -> Iterator[JobRuntime]:
     """Both launch paths: through a warm slot (pre-forked init in a pre-made cgroup) and cold (fork, create,
-    attach at launch time)."""
+    attach at launch time). With "warm" the slot is ready before the test starts, so the test's first launch
+    with the default limits goes through it."""
     mgr = make_cgroups(parent)
     rt = JobRuntime(make_settings(workdir, parent, warm_slots=request.param), cgroups=mgr)
     zygote = rt.zygote_pid
+    assert rt.wait_warm(10.0) == request.param, "the warm slot was not prepared"
     try:
         yield rt
     finally:
@@ -176,14 +165,14 @@ def run(rt: JobRuntime, netns: Path, command: tuple[str, ...], timeout: float = 
 
 def cgroup_procs_of(parent: str, warm: bool = False) -> list[str]:
     """Every process whose cgroup path (any hierarchy) lies under `parent`; without the runtime's warm launch
-    slots (cgroups named w<hex>: an idle pre-forked init each) unless `warm`."""
+    slots (cgroups named jn-w<hex>: an idle pre-forked init each) unless `warm`."""
     found = []
     for p in Path("/proc").iterdir():
         if not p.name.isdigit():
             continue
         try:
             text = (p / "cgroup").read_text()
-            if f"/{parent}/" in text and (warm or f"/{parent}/w" not in text):
+            if f"/{parent}/" in text and (warm or f"/{parent}/jn-w" not in text):
                 found.append(p.name)
         except OSError:
             continue

@@ -73,8 +73,16 @@ def test_barrier_cgroup_and_netns_in_place_at_first_instruction(
     assert lines[0] == f"net:[{os.stat(netns).st_ino}]"
     assert lines[-2:] == ["lo", ""]  # sysfs of the job's netns: only its own links
     job_paths = [line.split(":", 2)[2] for line in lines[1:-2] if line]
-    ours = [p for p in job_paths if p == f"/{parent}/{ex.job_id}" or p.endswith(f"/{parent}/{ex.job_id}")]
-    assert ours, f"job not in its cgroup at its first instruction: {job_paths}"
+    plan = json.loads((runtime.settings.state_dir / ex.job_id / "plan.json").read_text())
+    if plan.get("warm_slot") and not getattr(runtime._cg, "can_rename", False):  # v2: the slot keeps its name
+        name = f"jn-{plan['cgroup']}"
+    else:  # cold launch, or a warm slot's cgroup renamed to the job's (v1)
+        name = f"jn-{ex.job_id}"
+        assert plan["cgroup"] == ex.job_id
+    ours = [p for p in job_paths if p.endswith(f"/{parent}/{name}")]
+    assert ours, f"job not in its cgroup {name} at its first instruction: {job_paths}"
+    assert all(p in ("/", f"/{parent}/{name}") for p in job_paths), job_paths
+    assert bool(plan.get("warm_slot")) == (runtime.settings.warm_slots > 0)  # the warm fixture launched warm
 
 
 def test_unprivileged_no_caps_no_new_privs_and_forbidden_operations(
@@ -222,7 +230,7 @@ def _assert_nothing_left(rt: JobRuntime, job_id: str, parent: str) -> None:
     assert not (rt.settings.scratch_root / job_id).exists()
     assert cgroup_procs_of(parent) == []
     for hier in Path("/sys/fs/cgroup").iterdir():
-        assert not (hier / parent / job_id).exists(), f"cgroup left in {hier}"
+        assert not (hier / parent / f"jn-{job_id}").exists(), f"cgroup left in {hier}"
     assert rt.running() == {}
 
 
