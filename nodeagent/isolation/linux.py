@@ -9,11 +9,12 @@ with `python -S`.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import platform
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+# the libc this process already has mapped: ctypes.util.find_library("c") would run `ldconfig -p` (a fork+exec
+# per import, in the agent and in every zygote)
+_libc = ctypes.CDLL(None, use_errno=True)
 
 # clone / unshare / setns flags
 CLONE_NEWNS = 0x00020000
