@@ -392,8 +392,11 @@ def job_exit_code(job: pb.Job) -> tuple[int, str | None]:
         return job.exit_code, None
     if job.end_reason == pb.END_REASON_SIGNALLED:
         return 128 + job.signal, f"job {job.id} was killed by {_signal_name(job.signal)}"
+    reason = end_reason(job.end_reason)
+    if job.message.startswith(reason):  # the agent's messages name the reason first: "setup-failed: veth: ..."
+        return EXIT_FAILURE, f"job {job.id} ended: {job.message}"
     detail = f": {job.message}" if job.message else ""
-    return EXIT_FAILURE, f"job {job.id} ended: {end_reason(job.end_reason)}{detail}"
+    return EXIT_FAILURE, f"job {job.id} ended: {reason}{detail}"
 
 
 def _err(message: str) -> None:

@@ -280,7 +280,8 @@ def test_exit_code_for(code: grpc.StatusCode | None, exit_code: int) -> None:
     (pb.Job(id="j", end_reason=pb.END_REASON_OOM), 1, "ended: oom"),
     (pb.Job(id="j", end_reason=pb.END_REASON_TIMEOUT), 1, "ended: timeout"),
     (pb.Job(id="j", end_reason=pb.END_REASON_SETUP_FAILED, message="setup-failed: veth"), 1,
-     "ended: setup-failed: setup-failed: veth"),
+     "job j ended: setup-failed: veth"),
+    (pb.Job(id="j", end_reason=pb.END_REASON_OOM, message="memory.max 1 MiB"), 1, "job j ended: oom: memory.max"),
     (pb.Job(id="j", end_reason=pb.END_REASON_STOPPED), 1, "ended: stopped"),
     (pb.Job(id="j", end_reason=pb.END_REASON_LOST), 1, "ended: lost"),
 ])
