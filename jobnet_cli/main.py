@@ -515,11 +515,31 @@ def job_command(a: argparse.Namespace) -> list[str]:
     return cmd
 
 
-def wait_for_job(ctx: Ctx, job_id: str, sleep: Callable[[float], None] = time.sleep) -> pb.Job:
-    """Polls GetJob until the job is FINISHED (0.2 s at first, then up to every 2 s)."""
+WAIT_OUTAGE_S = 60.0  # how long `--wait` rides out an unreachable controller (e.g. a restart)
+
+
+def wait_for_job(ctx: Ctx, job_id: str, sleep: Callable[[float], None] = time.sleep,
+                 clock: Callable[[], float] = time.monotonic) -> pb.Job:
+    """Polls GetJob until the job is FINISHED (0.2 s at first, then up to every 2 s). A controller that
+    is unreachable for a while (a restart) is waited for, up to WAIT_OUTAGE_S, with a note on stderr."""
     interval = 0.2
+    outage_since: float | None = None
     while True:
-        job = ctx.stub.GetJob(pb.GetJobRequest(id=job_id), timeout=ctx.timeout)
+        try:
+            job = ctx.stub.GetJob(pb.GetJobRequest(id=job_id), timeout=ctx.timeout)
+        except grpc.RpcError as e:
+            if exit_code_for(e.code()) != EXIT_UNREACHABLE:
+                raise
+            now = clock()
+            if outage_since is None:
+                outage_since = now
+                print(f"{PROG}: the controller is not answering ({e.code().name}); still waiting for job "
+                      f"{job_id} for up to {WAIT_OUTAGE_S:g} s", file=sys.stderr)
+            elif now - outage_since > WAIT_OUTAGE_S:
+                raise
+            sleep(2.0)
+            continue
+        outage_since = None
         if job.state == pb.JOB_STATE_FINISHED:
             return job
         sleep(interval)
@@ -897,7 +917,7 @@ examples:
   jobnet job logs --tail 4K JOB_ID       # the last 4 KiB
   jobnet job logs -f JOB_ID              # keep printing until the job has finished
 
-The output is read from the job's node (through the controller) and written as is, in bytes.
+The output is read from the job's node (through the controller) and written as is, in bytes (-o json too).
 """
 
 STOP_EPILOG = """\

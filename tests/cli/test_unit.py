@@ -362,6 +362,7 @@ class FakeStub:
     content: bytes = b""
     finished_after: int = 10**9  # ReadJobLog calls
     not_found_first: int = 0
+    unavailable_first: int = 0
     calls: list[tuple[str, Any]] = field(default_factory=list)
 
     def ReadJobLog(self, req: pb.ReadJobLogRequest, timeout: float) -> pb.ReadJobLogResponse:
@@ -379,6 +380,9 @@ class FakeStub:
 
     def GetJob(self, req: pb.GetJobRequest, timeout: float) -> pb.Job:
         self.calls.append(("GetJob", req.id))
+        if self.unavailable_first:
+            self.unavailable_first -= 1
+            raise _rpc_error(grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses")
         return self.states.pop(0) if len(self.states) > 1 else self.states[0]
 
 
@@ -427,3 +431,22 @@ def test_wait_for_job_polls_until_finished() -> None:
     job = cli.wait_for_job(_ctx(stub), "0123456789", sleep=sleeps.append)
     assert job.exit_code == 3
     assert len(sleeps) == 8 and sleeps[0] == pytest.approx(0.2) and max(sleeps) <= 2.0
+
+
+def test_wait_rides_out_a_controller_restart(capsys: pytest.CaptureFixture[str]) -> None:
+    stub = FakeStub(states=[pb.Job(state=pb.JOB_STATE_RUNNING), pb.Job(state=pb.JOB_STATE_FINISHED, exit_code=5)],
+                    unavailable_first=3)
+    assert cli.wait_for_job(_ctx(stub), "0123456789", sleep=lambda s: None).exit_code == 5
+    assert capsys.readouterr().err.count("still waiting for job 0123456789") == 1
+
+
+def test_wait_gives_up_after_a_long_outage() -> None:
+    now = [0.0]
+
+    def sleep(s: float) -> None:
+        now[0] += s
+
+    stub = FakeStub(states=[pb.Job(state=pb.JOB_STATE_RUNNING)], unavailable_first=10**6)
+    with pytest.raises(grpc.RpcError):
+        cli.wait_for_job(_ctx(stub), "0123456789", sleep=sleep, clock=lambda: now[0])
+    assert cli.WAIT_OUTAGE_S < now[0] <= cli.WAIT_OUTAGE_S + 4
