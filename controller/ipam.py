@@ -29,9 +29,10 @@ class Pool:
         self.default_prefix = default_prefix
         self.underlays = list(underlays)
         for u in self.underlays:
-            if u.overlaps(pool):
-                raise ValueError(f"pool {pool} overlaps the underlay {u}: jobs could not be told apart from "
+            if pool.subnet_of(u):
+                raise ValueError(f"pool {pool} lies inside the underlay {u}: jobs could not be told apart from "
                                  "nodes; choose another --pool")
+            # a pool that merely overlaps an underlay is fine: allocation skips the underlay
         if pool.overlaps(LINK_LOCAL):
             raise ValueError(f"pool {pool} overlaps link-local {LINK_LOCAL}")
 
@@ -64,7 +65,9 @@ class Pool:
             raise InvalidArgument(f"prefix length /{plen} is out of range: between /{self.pool.prefixlen} "
                                   f"(the pool {self.pool}) and /{MAX_PREFIX}")
         taken = sorted((int(n.network_address), int(n.broadcast_address)) for n in used.values())
-        taken += sorted((int(ip), int(ip)) for ip in node_ips)
+        taken += [(int(u.network_address), int(u.broadcast_address)) for u in self.underlays]
+        taken += [(int(LINK_LOCAL.network_address), int(LINK_LOCAL.broadcast_address))]
+        taken += [(int(ip), int(ip)) for ip in node_ips]
         taken.sort()
         size = 1 << (32 - plen)
         start = int(self.pool.network_address)
