@@ -120,7 +120,8 @@ class ControllerService(pbg.ControllerServicer):
         if ch is None:
             ch = self._agent_channels[address] = grpc.aio.insecure_channel(address)
         try:
-            resp: pb.ReadJobLogResponse = await pbg.NodeAgentStub(ch).ReadJobLog(request, timeout=10)
+            stub = pbg.NodeAgentAsyncStub(ch)
+            resp: pb.ReadJobLogResponse = await stub.ReadJobLog(request, timeout=10)
             return resp
         except grpc.aio.AioRpcError as e:
             if e.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):

@@ -110,7 +110,7 @@ class Agent:
         self._outbox_kick = asyncio.Event()
         self._stop = asyncio.Event()
         self._channel: grpc.aio.Channel | None = None
-        self._stub: pbg.ControllerStub | None = None
+        self._stub: pbg.ControllerAsyncStub | None = None
         self._registered = asyncio.Event()
         self._want_snapshot = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -129,7 +129,7 @@ class Agent:
         self._full_pending = True
         self._dirty.set()
         self._channel = _channel(self.s.controller)
-        self._stub = pbg.ControllerStub(self._channel)
+        self._stub = pbg.ControllerAsyncStub(self._channel)
         server = grpc.aio.server()
         pbg.add_NodeAgentServicer_to_server(
             NodeAgentService([self.s.scratch_root, self.s.state_dir / "logs"], lambda job_id: job_id in self.finished),
@@ -154,7 +154,7 @@ class Agent:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._flush_outbox(), timeout=3)
         await server.stop(grace=1)
-        await self._channel.close()
+        await self._channel.close(None)
         await loop.run_in_executor(self._kernel, self._close_sync)
         self._kernel.shutdown(wait=True)
 

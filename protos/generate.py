@@ -59,7 +59,7 @@ def main(argv: list[str]) -> int:
     with tempfile.TemporaryDirectory(prefix="jnproto") as tmp:
         generate(Path(tmp))
         stale = []
-        for new, cur in zip(generated_files(Path(tmp)), generated_files(ROOT)):
+        for new, cur in zip(generated_files(Path(tmp)), generated_files(ROOT), strict=True):
             if not cur.exists() or not filecmp.cmp(new, cur, shallow=False):
                 stale.append(cur.relative_to(ROOT))
                 if not check:
