@@ -70,8 +70,9 @@ class RuntimeAdapter:
     def __init__(self, settings: AgentSettings, runtime: JobRuntime) -> None:
         self.s = settings
         self.rt = runtime
-        self.logs_dir = settings.state_dir / "logs"
-        self.logs_dir.mkdir(parents=True, exist_ok=True)
+        self.logs_dir = settings.state_dir / "logs"  # other jobs' output: hidden from jobs (see make_runtime)
+        self.logs_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.logs_dir, 0o700)
         self._last_prune = 0.0
 
     def start_job(self, job: LocalJob, netns_path: Path) -> int:
@@ -139,6 +140,9 @@ def make_runtime(settings: AgentSettings, site_config: Path | None = None) -> Ru
         allow_root=settings.allow_root_jobs,
         default_uid=settings.job_uid,
         default_gid=settings.job_gid,
+        # the agent's whole state dir (desired state, outbox, kept logs of finished jobs), not only its jobs/
+        # subdir (always hidden), is covered by an empty tmpfs in every job without its own rootfs
+        hidden_paths=(settings.state_dir,),
     )
     os.makedirs(rs.state_dir, exist_ok=True)
     return RuntimeAdapter(settings, JobRuntime(rs))

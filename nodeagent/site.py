@@ -11,11 +11,13 @@ Read from a TOML file (`jobnet-agent --site-config /etc/jobnet/site.toml`); ever
     mount_under_scratch = ["/tmp", "/var/tmp"]   # HTCondor's MOUNT_UNDER_SCRATCH
 
     [max]                      # a job asking for more fails with setup-failed: validate: ...
-    memory_max = "64G"
+    memory_max = "64G"         # a job that sets no memory limit (and no default does) gets this one
     cpu_weight = 1000
     pids_max = 65536
-    wall_time_s = 604800
+    wall_time_s = 604800       # likewise: a job without a wall time gets this one
     allow_rootfs = true
+
+The defaults must lie within the maximum (SiteConfigError otherwise).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from nodeagent.isolation import IsolationSpec, SiteMax
-from nodeagent.isolation.cgroups import CgroupLimits
+from nodeagent.isolation.cgroups import CgroupLimitError, CgroupLimits, SiteLimitExceeded, clamp_or_reject
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 LIMIT_KEYS = ("memory_max", "memory_high", "cpu_weight", "cpu_quota_us", "io_weight", "pids_max")
@@ -51,7 +53,10 @@ def _limits(section: dict[str, Any], where: str) -> CgroupLimits | None:
         if key in section:
             v = section[key]
             kw[key] = parse_bytes(v, f"[{where}] {key}") if key.startswith("memory") else int(v)
-    return CgroupLimits(**kw) if kw else None
+    try:
+        return CgroupLimits(**kw) if kw else None
+    except CgroupLimitError as e:
+        raise SiteConfigError(f"[{where}] {e}") from e
 
 
 def load_site(path: Path | None) -> tuple[IsolationSpec, SiteMax]:
@@ -75,4 +80,12 @@ def load_site(path: Path | None) -> tuple[IsolationSpec, SiteMax]:
         wall_time_s=float(m["wall_time_s"]) if "wall_time_s" in m else None,
         allow_rootfs=bool(m.get("allow_rootfs", True)),
     )
+    if site_max.limits is not None:
+        try:
+            clamp_or_reject(defaults.limits or CgroupLimits(), site_max.limits)
+        except SiteLimitExceeded as e:
+            raise SiteConfigError(f"site config {path}: [defaults] exceed [max]: {e}") from e
+    dw, mw = defaults.wall_time_s, site_max.wall_time_s
+    if dw is not None and mw is not None and dw > mw:
+        raise SiteConfigError(f"site config {path}: [defaults] wall_time_s {dw} exceeds [max] wall_time_s {mw}")
     return defaults, site_max

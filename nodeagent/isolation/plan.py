@@ -19,6 +19,7 @@ from .spec import (
     LaunchRequest,
     RuntimeSettings,
     SpecError,
+    bound,
     merge,
     scratch_name,
     validate,
@@ -84,13 +85,15 @@ class LaunchPlan:
 
 
 def build_plan(settings: RuntimeSettings, req: LaunchRequest) -> LaunchPlan:
-    """Pure: no file system or kernel access. Raises SpecError."""
+    """Pure: no file system or kernel access. Raises SpecError. (The agent side only: `bound` imports the
+    cgroups package; the zygote never builds plans.)"""
     if not JOB_ID_RE.match(req.job_id):
         raise SpecError(f"invalid job id {req.job_id!r}", req.job_id)
     if not req.command or not req.command[0] or any("\0" in a for a in req.command):
         raise SpecError("empty command or NUL byte in an argument", req.job_id)
     spec = merge(req.spec, settings.defaults)
     validate(spec, settings, req.job_id)
+    spec = bound(spec, settings, req.job_id)
     uid = spec.uid if spec.uid is not None else settings.default_uid
     gid = spec.gid if spec.gid is not None else settings.default_gid
     scratch = settings.scratch_root / req.job_id

@@ -54,6 +54,7 @@ from .spec import (
     SpecError,
     UnknownJob,
     ZygoteError,
+    job_defaults,
     scratch_name,
 )
 from .state import InitIdentity, JobState, list_job_ids
@@ -223,7 +224,11 @@ class JobRuntime:
         self._warm_wake = threading.Event()
         self._last_launch = 0.0
         self._closed = False
-        self._default_limits = settings.defaults.limits
+        try:  # the limits of a job that asks for nothing: what warm slots are made with
+            self._default_limits = job_defaults(settings).limits
+        except SpecError as e:
+            log.error("the site defaults do not fit the site maximum (%s): jobs that rely on them will fail", e.cause)
+            self._default_limits = settings.defaults.limits
         self._warm_thread: threading.Thread | None = None
         if settings.warm_slots > 0:
             self._warm_thread = threading.Thread(target=self._refill_loop, name="jn-warm", daemon=True)
@@ -276,8 +281,13 @@ class JobRuntime:
             w.discard()
         with self._zlock:
             self._zsock.close()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self._zproc.wait(timeout=0.5)
+        with self._lock:
+            jobs_alive = bool(self._jobs)
+        if jobs_alive:  # the zygote stays to reap their inits: do not wait for it
+            self._zproc.poll()
+        else:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._zproc.wait(timeout=0.5)
         with self._lock:
             for j in [*self._jobs.values(), *self._done.values()]:
                 with contextlib.suppress(OSError):

@@ -1,8 +1,10 @@
 """What a job asks for and what the site allows: plain frozen data, merged and validated before any side effect.
 
 `IsolationSpec` fields left as None take the site default (`RuntimeSettings.defaults`); the merged spec is then
-checked against `RuntimeSettings.site_max` (numeric cgroup limits compared field by field, root only if the site
-allows it). Violations raise `SpecError`, a `SetupFailed` at step "validate".
+bounded by `RuntimeSettings.site_max` (`bound`): cgroup limits with `cgroups.clamp_or_reject` (a hard limit left
+open is clamped to the site maximum, one above it is refused naming the limit; the CPU quota is compared in CPUs),
+the wall time likewise; root only if the site allows it. Violations raise `SpecError`, a `SetupFailed` at step
+"validate".
 """
 
 from __future__ import annotations
@@ -69,7 +71,8 @@ class IsolationSpec:
 
 @dataclass(frozen=True)
 class SiteMax:
-    """What the site allows at most. Numeric cgroup limit fields are compared one by one (None = no bound)."""
+    """What the site allows at most (None = no bound). A job that leaves a bounded hard limit or the wall time
+    open gets the maximum; one that asks for more is refused (see `bound`)."""
 
     limits: CgroupLimits | None = None
     wall_time_s: float | None = None
@@ -161,17 +164,38 @@ def validate(spec: IsolationSpec, settings: RuntimeSettings, job_id: str) -> Non
     for d in spec.mount_under_scratch or ():
         if not d.startswith("/") or ".." in d.split("/") or d.rstrip("/") in ("", "/proc"):
             raise SpecError(f"mount_under_scratch entry not allowed: {d!r}", job_id)
-    if spec.cwd is not None and not spec.cwd.startswith("/"):
-        raise SpecError(f"cwd must be absolute: {spec.cwd!r}", job_id)
-    if spec.limits is not None and smax.limits is not None:
-        for f in dataclasses.fields(spec.limits):
-            want, cap = getattr(spec.limits, f.name), getattr(smax.limits, f.name, None)
-            if _is_number(want) and _is_number(cap) and want > cap:
-                raise SpecError(f"{f.name} {want} exceeds the site maximum {cap}", job_id)
+    if spec.cwd is not None and (not spec.cwd.startswith("/") or "\0" in spec.cwd):
+        raise SpecError(f"cwd must be an absolute path: {spec.cwd!r}", job_id)
+    for k, v in (spec.env or {}).items():
+        if not k or "=" in k or "\0" in k or "\0" in v:
+            raise SpecError(f"environment variable not allowed: {k!r} (a name without '=', no NUL bytes)", job_id)
 
 
-def _is_number(v: object) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool)
+def bound(spec: IsolationSpec, settings: RuntimeSettings, job_id: str) -> IsolationSpec:
+    """The merged spec within the site maximum: open hard limits and an open wall time get the site's maximum;
+    more than the maximum raises SpecError naming the limit and both values."""
+    smax = settings.site_max
+    changes: dict[str, Any] = {}
+    if spec.wall_time_s is None and smax.wall_time_s is not None:
+        changes["wall_time_s"] = smax.wall_time_s
+    if smax.limits is not None:
+        from .cgroups import CgroupLimits, SiteLimitExceeded, clamp_or_reject  # not in the zygote
+
+        try:
+            limits = clamp_or_reject(spec.limits if spec.limits is not None else CgroupLimits(), smax.limits)
+        except SiteLimitExceeded as e:
+            raise SpecError(str(e), job_id) from e
+        if limits != spec.limits:
+            changes["limits"] = limits
+    return dataclasses.replace(spec, **changes) if changes else spec
+
+
+def job_defaults(settings: RuntimeSettings) -> IsolationSpec:
+    """What a job that asks for nothing gets (the site defaults within the site maximum). SpecError if the
+    defaults themselves exceed the maximum."""
+    spec = merge(IsolationSpec(), settings.defaults)
+    validate(spec, settings, "")
+    return bound(spec, settings, "")
 
 
 def scratch_name(mount_point: str) -> str:
