@@ -4,7 +4,9 @@ test process is never the parent of anything it kills.
     harness (child subreaper: orphaned zygotes/inits are reparented to it and reaped)
       └── agent (JobRuntime + N threads calling start() concurrently)   <- SIGKILLed mid-launch
     then, in the harness: a new JobRuntime.recover(), stop + cleanup of every job, and a report (JSON on stdout)
-    of everything left: state/scratch dirs, cgroups, processes, mounts.
+    of everything left: state/scratch dirs, cgroups, processes, mounts, and namespaces: the mount and PID
+    namespaces of every job init alive at the kill (and of their processes) must be referenced by no process
+    and no nsfs mount any more, and no process may be left in the jobs' network namespace.
 """
 
 from __future__ import annotations
@@ -66,6 +68,53 @@ def leftovers(workdir: Path, parent: str, marker: str) -> dict[str, list[str]]:
     }
 
 
+def _ns(pid: str, kind: str) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/{kind}")
+    except OSError:
+        return None
+
+
+def _descendants(root: int) -> list[str]:
+    children: dict[int, list[str]] = {}
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            children.setdefault(_ppid(p), []).append(p.name)
+    out: list[str] = []
+    todo = [str(root)]
+    while todo:
+        for c in children.get(int(todo.pop()), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def job_namespaces(harness_pid: int) -> set[str]:
+    """mnt:[...] and pid:[...] of every process below the harness that is not in the host's namespaces."""
+    host = {_ns("self", "mnt"), _ns("self", "pid")}
+    found = {_ns(p, k) for p in _descendants(harness_pid) for k in ("mnt", "pid")}
+    return {n for n in found if n is not None and n not in host}
+
+
+def namespaces_in_use(netns: Path) -> tuple[set[str], list[str]]:
+    """Every namespace any process refers to or an nsfs mount holds; the processes in the network namespace."""
+    used: set[str] = set()
+    net = f"net:[{os.stat(netns).st_ino}]"
+    in_net: list[str] = []
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        for k in ("mnt", "pid", "pid_for_children"):
+            if (n := _ns(p.name, k)) is not None:
+                used.add(n)
+        if _ns(p.name, "net") == net:
+            in_net.append(p.name)
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        if " - nsfs " in line:
+            used.add(line.split()[3])
+    return used, in_net
+
+
 def reap() -> None:
     while True:
         try:
@@ -93,7 +142,9 @@ def harness(workdir: Path, parent: str, netns: Path, n: int, kill_after: int) ->
         started += line.startswith("started")
     child.send_signal(signal.SIGKILL)
     child.wait()
+    time.sleep(0.05)  # the zygote and the job inits are reparented to us
     before = leftovers(workdir, parent, marker)
+    job_ns = job_namespaces(os.getpid())
 
     mgr = make_cgroups(parent)
     rt = JobRuntime(make_settings(workdir, parent), cgroups=mgr)
@@ -119,7 +170,11 @@ def harness(workdir: Path, parent: str, netns: Path, n: int, kill_after: int) ->
         time.sleep(0.05)
     reap()
     after = leftovers(workdir, parent, marker)
+    used, in_net = namespaces_in_use(netns)
+    after["namespaces"] = sorted(job_ns & used)
+    after["netns_procs"] = in_net
     return {"started_before_kill": started, "jobs_on_disk_before": len(before["state"]),
+            "job_namespaces_at_kill": len(job_ns),
             "running_before": len(before["procs"]), "adopted": adopted, "ends": ends, "left": after,
             "children": [p.name for p in Path("/proc").iterdir() if p.name.isdigit() and _ppid(p) == os.getpid()]}
 

@@ -225,6 +225,32 @@ def test_fork_bomb_stops_at_pids_limit(runtime: JobRuntime, netns: Path, parent:
     assert cgroup_procs_of(parent) == []  # the job's end took its children with it
 
 
+def test_cpu_weight_shares_a_contended_cpu_1_to_2(runtime: JobRuntime, netns: Path) -> None:
+    from .conftest import limits
+
+    # both jobs pin themselves to one CPU and spin in the same window (CLOCK_MONOTONIC: the host's clock, the
+    # jobs have no time namespace), then print the CPU time they got in it
+    cpu = sorted(os.sched_getaffinity(0))[0]
+    start = time.monotonic() + 1.0
+    spin = (f"import os, time\nos.sched_setaffinity(0, {{{cpu}}})\nstart, end = {start!r}, {start + 3.0!r}\n"
+            "while time.monotonic() < start: time.sleep(0.001)\nt0 = time.process_time()\n"
+            "while time.monotonic() < end: pass\nprint(time.process_time() - t0)")
+    ids = {100: f"w{rand(8)}", 200: f"w{rand(8)}"}
+    for weight, job_id in ids.items():
+        runtime.start(LaunchRequest(job_id, (PYTHON, "-S", "-c", spin), netns,
+                                    IsolationSpec(limits=limits(cpu_weight=weight))))
+    assert time.monotonic() < start, "the launches took longer than the head start"
+    used = {}
+    for weight, job_id in ids.items():
+        ex = wait_exit(runtime, job_id, timeout=15)
+        assert ex.exit_code == 0, ex
+        used[weight] = float((runtime.settings.scratch_root / job_id / "stdout").read_text())
+    ratio = used[200] / max(used[100], 1e-6)
+    print(f"cpu seconds weight 100: {used[100]:.3f} weight 200: {used[200]:.3f} ratio {ratio:.2f}")
+    assert used[100] + used[200] > 1.0, used  # they did run (one CPU for 3 s, shared with the rest of the machine)
+    assert 1.5 <= ratio <= 2.6, used
+
+
 def _assert_nothing_left(rt: JobRuntime, job_id: str, parent: str) -> None:
     assert not (rt.settings.state_dir / job_id).exists()
     assert not (rt.settings.scratch_root / job_id).exists()

@@ -33,6 +33,7 @@ def _check(res: dict[str, object]) -> None:
     assert isinstance(ends, dict)
     assert set(ends.values()) <= {"stopped", "setup-failed", "exited", "signalled"}, ends
     assert res["adopted"], "no running job was adopted"
+    assert isinstance(res["job_namespaces_at_kill"], int) and res["job_namespaces_at_kill"] >= 2, res
     assert all(ends[j] == "stopped" for j in res["adopted"] if isinstance(j, str)), ends
 
 
@@ -57,7 +58,7 @@ def test_restart_adopts_running_and_reports_jobs_that_ended_meanwhile(
     mgr = make_cgroups(parent)
     rt1 = JobRuntime(settings, cgroups=mgr)
     rt1.start(LaunchRequest("quick", ("sh", "-c", "exit 5"), netns))
-    rt1.start(LaunchRequest("slow", ("sh", "-c", "sleep 1; echo done; exit 6"), netns))
+    rt1.start(LaunchRequest("slow", ("sh", "-c", "sleep 2; echo done; exit 6"), netns))
     rt1.start(LaunchRequest("timed", ("sleep", "30"), netns, _spec(wall_time_s=1.0)))
     pid_slow = rt1.running()["slow"]
     rt1.close()  # the agent goes away; jobs keep running
