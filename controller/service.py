@@ -7,7 +7,7 @@ import asyncio
 import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 import grpc
 
@@ -120,7 +120,7 @@ class ControllerService(pbg.ControllerServicer):
         if ch is None:
             ch = self._agent_channels[address] = grpc.aio.insecure_channel(address)
         try:
-            stub = cast("pbg.NodeAgentAsyncStub", pbg.NodeAgentStub(ch))  # the async stub is typing-only
+            stub = pbg.NodeAgentStub(ch)
             resp: pb.ReadJobLogResponse = await stub.ReadJobLog(request, timeout=10)
             return resp
         except grpc.aio.AioRpcError as e:

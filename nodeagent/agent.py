@@ -24,7 +24,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
 import grpc
 
@@ -129,7 +129,7 @@ class Agent:
         self._full_pending = True
         self._dirty.set()
         self._channel = _channel(self.s.controller)
-        self._stub = cast("pbg.ControllerAsyncStub", pbg.ControllerStub(self._channel))  # the async stub is typing-only
+        self._stub = pbg.ControllerStub(self._channel)  # typed as the async stub (aio channel)
         server = grpc.aio.server()
         pbg.add_NodeAgentServicer_to_server(
             NodeAgentService([self.s.scratch_root, self.s.state_dir / "logs"], lambda job_id: job_id in self.finished),
