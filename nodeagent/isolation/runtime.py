@@ -856,7 +856,9 @@ def _exit_of(job_id: str, st: JobState, cg: JobCgroupLike | None, stop_requested
         pass
     elif stop_requested:
         reason = "stopped"
-    elif oom and (not reason or sig == signal.SIGKILL):
+    elif oom and (not reason or sig == signal.SIGKILL or (isinstance(code, int) and code != 0)):
+        # The kernel OOM-killed a process of the job and the job failed: a shell whose child was killed
+        # exits 137, a supervisor may exit 1; either way the memory limit is why (HTCondor reports the same).
         reason, message = "oom", message or "killed by the kernel: memory limit"
         sig = sig or signal.SIGKILL
     elif not reason:
