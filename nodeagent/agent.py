@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -104,6 +105,7 @@ class Agent:
         self.outbox = Outbox(settings.state_dir / "outbox.jsonl")
         self.applied_revision = 0
         self._stopping_jobs: set[str] = set()
+        self._ended_lock = threading.Lock()
         self._kernel = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jn-kernel")
         self._dirty = asyncio.Event()
         self._full_pending = True
@@ -125,6 +127,10 @@ class Agent:
         exits = await loop.run_in_executor(self._kernel, self.runtime.recover)
         for ex in exits:
             self._job_ended(ex)
+        # Adopted jobs are reported running again: a kill between a launch and its report would otherwise
+        # leave the controller believing the job pending (a repeated report is a no-op there).
+        for job_id, pid in (await loop.run_in_executor(self._kernel, self.runtime.running)).items():
+            self.outbox.put({"job_id": job_id, "state": pb.JOB_STATE_RUNNING, "pid": pid})
         # 2. Make the kernel match what we last knew, even if the controller is unreachable.
         self._full_pending = True
         self._dirty.set()
@@ -357,32 +363,37 @@ class Agent:
         running = self.runtime.running()
         for job_id in self.runtime.known_jobs() - set(desired.jobs) - set(running):
             self.runtime.cleanup(job_id)
-        gone = {j for j in self.finished if j not in desired.jobs}
-        if gone:
-            self.finished -= gone
-            self._stopping_jobs -= gone
-            self.store.save_finished(self.finished)
+        with self._ended_lock:
+            gone = {j for j in self.finished if j not in desired.jobs}
+            if gone:
+                self.finished -= gone
+                self._stopping_jobs -= gone
+                self.store.save_finished(set(self.finished))
         self.stats["reconciles"] += 1
         self.stats["full_reconciles"] += int(full)
         log.debug("reconcile of revision %d took %.1f ms", desired.revision,
                   (time.perf_counter() - t0) * 1000)
 
     def _job_ended(self, ex: JobExitLike) -> None:
-        if ex.job_id in self.finished:
-            return
-        self.finished.add(ex.job_id)
-        self.store.save_finished(self.finished)
-        log.info("job %s ended: %s (exit %d, signal %d) %s", ex.job_id, ex.end_reason, ex.exit_code,
-                 ex.signal, ex.message)
-        self.outbox.put({
-            "job_id": ex.job_id,
-            "state": pb.JOB_STATE_FINISHED,
-            "end_reason": END_REASONS.get(ex.end_reason, pb.END_REASON_UNSPECIFIED),
-            "exit_code": ex.exit_code,
-            "signal": ex.signal,
-            "message": ex.message,
-            "usage": {k: ex.usage[k] for k in USAGE_FIELDS if ex.usage.get(k) is not None},
-        })
+        """Record a job's end: first the report in the durable outbox, then the finished mark (a crash in
+        between reports twice, which the controller ignores; the other order could lose the report).
+        Called from the loop thread (poll) and the kernel thread (reconcile): serialised by a lock."""
+        with self._ended_lock:
+            if ex.job_id in self.finished:
+                return
+            log.info("job %s ended: %s (exit %d, signal %d) %s", ex.job_id, ex.end_reason, ex.exit_code,
+                     ex.signal, ex.message)
+            self.outbox.put({
+                "job_id": ex.job_id,
+                "state": pb.JOB_STATE_FINISHED,
+                "end_reason": END_REASONS.get(ex.end_reason, pb.END_REASON_UNSPECIFIED),
+                "exit_code": ex.exit_code,
+                "signal": ex.signal,
+                "message": ex.message,
+                "usage": {k: ex.usage[k] for k in USAGE_FIELDS if ex.usage.get(k) is not None},
+            })
+            self.finished.add(ex.job_id)
+            self.store.save_finished(set(self.finished))
         if self._loop is not None:  # called from the kernel thread: wake the loop thread-safely
             self._loop.call_soon_threadsafe(self._outbox_kick.set)
 

@@ -8,20 +8,30 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import tempfile
+import threading
 from pathlib import Path
 
 from nodeagent.desired import DesiredState
 
 
 def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write, fsync, rename. The temporary file is unique, so concurrent writers never trip on each other
+    (the last rename wins, and every rename installs a complete file)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 class AgentState:
@@ -30,6 +40,7 @@ class AgentState:
         state_dir.mkdir(parents=True, exist_ok=True)
         self._desired_path = state_dir / "desired.json"
         self._finished_path = state_dir / "finished.json"
+        self._lock = threading.Lock()  # the loop thread and the kernel thread both save
 
     def load_desired(self) -> DesiredState:
         try:
@@ -41,7 +52,8 @@ class AgentState:
             return DesiredState()
 
     def save_desired(self, desired: DesiredState) -> None:
-        write_atomic(self._desired_path, desired.to_json())
+        with self._lock:
+            write_atomic(self._desired_path, desired.to_json())
 
     def load_finished(self) -> set[str]:
         try:
@@ -50,4 +62,5 @@ class AgentState:
             return set()
 
     def save_finished(self, finished: set[str]) -> None:
-        write_atomic(self._finished_path, json.dumps(sorted(finished)))
+        with self._lock:
+            write_atomic(self._finished_path, json.dumps(sorted(finished)))
