@@ -576,6 +576,8 @@ class Job(_message.Message):
     DESIRED_RUNNING_FIELD_NUMBER: _builtins.int
     ISOLATION_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
+    USER_FIELD_NUMBER: _builtins.int
+    NET_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """controller-assigned, 10 lowercase hex characters"""
     name: _builtins.str
@@ -593,6 +595,8 @@ class Job(_message.Message):
     pid: _builtins.int
     """host PID of the job's process, when running"""
     desired_running: _builtins.bool
+    user: _builtins.str
+    """who the job is accounted to"""
     @_builtins.property
     def command(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -608,6 +612,10 @@ class Job(_message.Message):
     @_builtins.property
     def usage(self) -> Global___Usage:
         """resource usage at the end (and while running, when reported)"""
+
+    @_builtins.property
+    def net(self) -> Global___NetUsage:
+        """network totals by class (latest report; final once the job has ended)"""
 
     def __init__(
         self,
@@ -631,10 +639,12 @@ class Job(_message.Message):
         desired_running: _builtins.bool = ...,
         isolation: Global___Isolation | None = ...,
         usage: Global___Usage | None = ...,
+        user: _builtins.str = ...,
+        net: Global___NetUsage | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "finished", b"finished", "isolation", b"isolation", "started", b"started", "usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "finished", b"finished", "isolation", b"isolation", "net", b"net", "started", b"started", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "created", b"created", "desired_running", b"desired_running", "end_reason", b"end_reason", "exit_code", b"exit_code", "finished", b"finished", "group", b"group", "id", b"id", "ip", b"ip", "isolation", b"isolation", "mac", b"mac", "message", b"message", "name", b"name", "node", b"node", "pid", b"pid", "signal", b"signal", "started", b"started", "state", b"state", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "created", b"created", "desired_running", b"desired_running", "end_reason", b"end_reason", "exit_code", b"exit_code", "finished", b"finished", "group", b"group", "id", b"id", "ip", b"ip", "isolation", b"isolation", "mac", b"mac", "message", b"message", "name", b"name", "net", b"net", "node", b"node", "pid", b"pid", "signal", b"signal", "started", b"started", "state", b"state", "usage", b"usage", "user", b"user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -814,9 +824,12 @@ class CreateJobRequest(_message.Message):
     COMMAND_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
     ISOLATION_FIELD_NUMBER: _builtins.int
+    USER_FIELD_NUMBER: _builtins.int
     group: _builtins.str
     node: _builtins.str
     name: _builtins.str
+    user: _builtins.str
+    """accounting owner; the CLI sends the invoking user's login name"""
     @_builtins.property
     def command(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -829,10 +842,11 @@ class CreateJobRequest(_message.Message):
         command: _abc.Iterable[_builtins.str] | None = ...,
         name: _builtins.str = ...,
         isolation: Global___Isolation | None = ...,
+        user: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["isolation", b"isolation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "group", b"group", "isolation", b"isolation", "name", b"name", "node", b"node"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "group", b"group", "isolation", b"isolation", "name", b"name", "node", b"node", "user", b"user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1352,3 +1366,321 @@ class Topology(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Topology: _TypeAlias = Topology  # noqa: Y015
+
+@_typing.final
+class NetCounters(_message.Message):
+    """---------------------------------------------------------------- network accounting (issue 4)
+
+    What a byte is: every byte of every Ethernet frame that crosses the job's own device (eth0 in its
+    network namespace), Ethernet header included (14 bytes; no preamble, FCS or VLAN tag), as the kernel
+    counts it. A UDP datagram over IPv4 with P bytes of payload sent in n frames (fragments) counts
+    P + 8 + 34 * n bytes. Classes are decided by the kernel (nftables counters in the job's namespace):
+      local    - the other end is a job on the same node;
+      overlay  - the other end is a job on another node (the frame crosses the VXLAN tunnel);
+      external - anything else (broadcast, multicast, the gateway and beyond).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BYTES_FIELD_NUMBER: _builtins.int
+    PACKETS_FIELD_NUMBER: _builtins.int
+    bytes: _builtins.int
+    packets: _builtins.int
+    def __init__(
+        self,
+        *,
+        bytes: _builtins.int = ...,
+        packets: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "packets", b"packets"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NetCounters: _TypeAlias = NetCounters  # noqa: Y015
+
+@_typing.final
+class NetClassCounters(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LOCAL_FIELD_NUMBER: _builtins.int
+    OVERLAY_FIELD_NUMBER: _builtins.int
+    EXTERNAL_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def local(self) -> Global___NetCounters: ...
+    @_builtins.property
+    def overlay(self) -> Global___NetCounters: ...
+    @_builtins.property
+    def external(self) -> Global___NetCounters: ...
+    def __init__(
+        self,
+        *,
+        local: Global___NetCounters | None = ...,
+        overlay: Global___NetCounters | None = ...,
+        external: Global___NetCounters | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["external", b"external", "local", b"local", "overlay", b"overlay"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["external", b"external", "local", b"local", "overlay", b"overlay"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NetClassCounters: _TypeAlias = NetClassCounters  # noqa: Y015
+
+@_typing.final
+class NetUsage(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TX_FIELD_NUMBER: _builtins.int
+    RX_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def tx(self) -> Global___NetClassCounters:
+        """sent by the job"""
+
+    @_builtins.property
+    def rx(self) -> Global___NetClassCounters:
+        """received by the job"""
+
+    def __init__(
+        self,
+        *,
+        tx: Global___NetClassCounters | None = ...,
+        rx: Global___NetClassCounters | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["rx", b"rx", "tx", b"tx"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rx", b"rx", "tx", b"tx"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NetUsage: _TypeAlias = NetUsage  # noqa: Y015
+
+@_typing.final
+class JobUsageReport(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    SEQ_FIELD_NUMBER: _builtins.int
+    SAMPLED_FIELD_NUMBER: _builtins.int
+    NET_FIELD_NUMBER: _builtins.int
+    FINAL_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    seq: _builtins.int
+    """per job, increasing; a report with seq <= the last stored one is a duplicate"""
+    final: _builtins.bool
+    """taken after the job's last process exited, before its device was deleted"""
+    @_builtins.property
+    def sampled(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def net(self) -> Global___NetUsage:
+        """cumulative since the job started"""
+
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        seq: _builtins.int = ...,
+        sampled: _timestamp_pb2.Timestamp | None = ...,
+        net: Global___NetUsage | None = ...,
+        final: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["net", b"net", "sampled", b"sampled"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["final", b"final", "job_id", b"job_id", "net", b"net", "sampled", b"sampled", "seq", b"seq"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JobUsageReport: _TypeAlias = JobUsageReport  # noqa: Y015
+
+@_typing.final
+class ReportUsageRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_FIELD_NUMBER: _builtins.int
+    BOOT_ID_FIELD_NUMBER: _builtins.int
+    REPORTS_FIELD_NUMBER: _builtins.int
+    node: _builtins.str
+    boot_id: _builtins.str
+    @_builtins.property
+    def reports(self) -> _containers.RepeatedCompositeFieldContainer[Global___JobUsageReport]: ...
+    def __init__(
+        self,
+        *,
+        node: _builtins.str = ...,
+        boot_id: _builtins.str = ...,
+        reports: _abc.Iterable[Global___JobUsageReport] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["boot_id", b"boot_id", "node", b"node", "reports", b"reports"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportUsageRequest: _TypeAlias = ReportUsageRequest  # noqa: Y015
+
+@_typing.final
+class ReportUsageResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCEPTED_FIELD_NUMBER: _builtins.int
+    DUPLICATES_FIELD_NUMBER: _builtins.int
+    UNKNOWN_JOBS_FIELD_NUMBER: _builtins.int
+    accepted: _builtins.int
+    duplicates: _builtins.int
+    """already stored (a resend after a lost acknowledgement)"""
+    unknown_jobs: _builtins.int
+    """not jobs of this node: dropped; the agent must not resend them"""
+    def __init__(
+        self,
+        *,
+        accepted: _builtins.int = ...,
+        duplicates: _builtins.int = ...,
+        unknown_jobs: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "duplicates", b"duplicates", "unknown_jobs", b"unknown_jobs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportUsageResponse: _TypeAlias = ReportUsageResponse  # noqa: Y015
+
+@_typing.final
+class QueryUsageRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    GROUP_FIELD_NUMBER: _builtins.int
+    NODE_FIELD_NUMBER: _builtins.int
+    USER_FIELD_NUMBER: _builtins.int
+    START_FIELD_NUMBER: _builtins.int
+    END_FIELD_NUMBER: _builtins.int
+    BY_FIELD_NUMBER: _builtins.int
+    TOP_FIELD_NUMBER: _builtins.int
+    STEP_S_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    """Filters, combined with AND; empty matches all."""
+    group: _builtins.str
+    node: _builtins.str
+    user: _builtins.str
+    by: _builtins.str
+    """rows per "job" (default), "group", "node", "user", or one row "all" """
+    top: _builtins.int
+    """only the N rows with the most bytes (tx + rx); 0: all rows"""
+    step_s: _builtins.int
+    """> 0: a time series per row with points every step_s seconds"""
+    @_builtins.property
+    def start(self) -> _timestamp_pb2.Timestamp:
+        """Window: traffic between start and end (unset start: since the beginning; unset end: now)."""
+
+    @_builtins.property
+    def end(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        group: _builtins.str = ...,
+        node: _builtins.str = ...,
+        user: _builtins.str = ...,
+        start: _timestamp_pb2.Timestamp | None = ...,
+        end: _timestamp_pb2.Timestamp | None = ...,
+        by: _builtins.str = ...,
+        top: _builtins.int = ...,
+        step_s: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "start", b"start"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["by", b"by", "end", b"end", "group", b"group", "job_id", b"job_id", "node", b"node", "start", b"start", "step_s", b"step_s", "top", b"top", "user", b"user"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QueryUsageRequest: _TypeAlias = QueryUsageRequest  # noqa: Y015
+
+@_typing.final
+class UsagePoint(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    T_FIELD_NUMBER: _builtins.int
+    NET_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def t(self) -> _timestamp_pb2.Timestamp:
+        """end of the step"""
+
+    @_builtins.property
+    def net(self) -> Global___NetUsage:
+        """traffic within the step"""
+
+    def __init__(
+        self,
+        *,
+        t: _timestamp_pb2.Timestamp | None = ...,
+        net: Global___NetUsage | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["net", b"net", "t", b"t"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["net", b"net", "t", b"t"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UsagePoint: _TypeAlias = UsagePoint  # noqa: Y015
+
+@_typing.final
+class UsageRow(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    NET_FIELD_NUMBER: _builtins.int
+    TOTAL_BYTES_FIELD_NUMBER: _builtins.int
+    SERIES_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    """the job id, group, node or user name"""
+    total_bytes: _builtins.int
+    """tx + rx, all classes"""
+    @_builtins.property
+    def net(self) -> Global___NetUsage:
+        """traffic within the window"""
+
+    @_builtins.property
+    def series(self) -> _containers.RepeatedCompositeFieldContainer[Global___UsagePoint]: ...
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        net: Global___NetUsage | None = ...,
+        total_bytes: _builtins.int = ...,
+        series: _abc.Iterable[Global___UsagePoint] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["net", b"net"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "net", b"net", "series", b"series", "total_bytes", b"total_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UsageRow: _TypeAlias = UsageRow  # noqa: Y015
+
+@_typing.final
+class QueryUsageResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROWS_FIELD_NUMBER: _builtins.int
+    TOTAL_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def rows(self) -> _containers.RepeatedCompositeFieldContainer[Global___UsageRow]: ...
+    @_builtins.property
+    def total(self) -> Global___NetUsage:
+        """over every row that matched (before `top`)"""
+
+    def __init__(
+        self,
+        *,
+        rows: _abc.Iterable[Global___UsageRow] | None = ...,
+        total: Global___NetUsage | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["total", b"total"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rows", b"rows", "total", b"total"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QueryUsageResponse: _TypeAlias = QueryUsageResponse  # noqa: Y015

@@ -109,6 +109,16 @@ class ControllerStub:
                 request_serializer=protos_dot_jobnet_dot_v1_dot_jobnet__pb2.ReadJobLogRequest.SerializeToString,
                 response_deserializer=protos_dot_jobnet_dot_v1_dot_jobnet__pb2.ReadJobLogResponse.FromString,
                 _registered_method=True)
+        self.ReportUsage = channel.unary_unary(
+                '/jobnet.v1.Controller/ReportUsage',
+                request_serializer=protos_dot_jobnet_dot_v1_dot_jobnet__pb2.ReportUsageRequest.SerializeToString,
+                response_deserializer=protos_dot_jobnet_dot_v1_dot_jobnet__pb2.ReportUsageResponse.FromString,
+                _registered_method=True)
+        self.QueryUsage = channel.unary_unary(
+                '/jobnet.v1.Controller/QueryUsage',
+                request_serializer=protos_dot_jobnet_dot_v1_dot_jobnet__pb2.QueryUsageRequest.SerializeToString,
+                response_deserializer=protos_dot_jobnet_dot_v1_dot_jobnet__pb2.QueryUsageResponse.FromString,
+                _registered_method=True)
 
 
 class ControllerServicer:
@@ -214,6 +224,21 @@ class ControllerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportUsage(self, request, context):
+        """Network accounting (issue 4). Agent -> controller: cumulative per-job counters, periodically and at
+        the job's end; duplicates are harmless (per-job sequence numbers).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def QueryUsage(self, request, context):
+        """People and scripts: totals and time series per job / group / node / user, within a window.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControllerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -291,6 +316,16 @@ def add_ControllerServicer_to_server(servicer, server):
                     servicer.ReadJobLog,
                     request_deserializer=protos_dot_jobnet_dot_v1_dot_jobnet__pb2.ReadJobLogRequest.FromString,
                     response_serializer=protos_dot_jobnet_dot_v1_dot_jobnet__pb2.ReadJobLogResponse.SerializeToString,
+            ),
+            'ReportUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportUsage,
+                    request_deserializer=protos_dot_jobnet_dot_v1_dot_jobnet__pb2.ReportUsageRequest.FromString,
+                    response_serializer=protos_dot_jobnet_dot_v1_dot_jobnet__pb2.ReportUsageResponse.SerializeToString,
+            ),
+            'QueryUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.QueryUsage,
+                    request_deserializer=protos_dot_jobnet_dot_v1_dot_jobnet__pb2.QueryUsageRequest.FromString,
+                    response_serializer=protos_dot_jobnet_dot_v1_dot_jobnet__pb2.QueryUsageResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -698,6 +733,60 @@ class Controller:
             '/jobnet.v1.Controller/ReadJobLog',
             protos_dot_jobnet_dot_v1_dot_jobnet__pb2.ReadJobLogRequest.SerializeToString,
             protos_dot_jobnet_dot_v1_dot_jobnet__pb2.ReadJobLogResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobnet.v1.Controller/ReportUsage',
+            protos_dot_jobnet_dot_v1_dot_jobnet__pb2.ReportUsageRequest.SerializeToString,
+            protos_dot_jobnet_dot_v1_dot_jobnet__pb2.ReportUsageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def QueryUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jobnet.v1.Controller/QueryUsage',
+            protos_dot_jobnet_dot_v1_dot_jobnet__pb2.QueryUsageRequest.SerializeToString,
+            protos_dot_jobnet_dot_v1_dot_jobnet__pb2.QueryUsageResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -68,6 +68,12 @@ class ControllerStub:
     """The whole overlay as a graph: nodes, groups, jobs and the VXLAN tunnels between nodes."""
     ReadJobLog: _grpc.UnaryUnaryMultiCallable[_jobnet_pb2.ReadJobLogRequest, _jobnet_pb2.ReadJobLogResponse]
     """A job's stdout or stderr, read from its node (the controller forwards to the node's agent)."""
+    ReportUsage: _grpc.UnaryUnaryMultiCallable[_jobnet_pb2.ReportUsageRequest, _jobnet_pb2.ReportUsageResponse]
+    """Network accounting (issue 4). Agent -> controller: cumulative per-job counters, periodically and at
+    the job's end; duplicates are harmless (per-job sequence numbers).
+    """
+    QueryUsage: _grpc.UnaryUnaryMultiCallable[_jobnet_pb2.QueryUsageRequest, _jobnet_pb2.QueryUsageResponse]
+    """People and scripts: totals and time series per job / group / node / user, within a window."""
 
 @_typing.type_check_only
 class ControllerAsyncStub(ControllerStub):
@@ -99,6 +105,12 @@ class ControllerAsyncStub(ControllerStub):
     """The whole overlay as a graph: nodes, groups, jobs and the VXLAN tunnels between nodes."""
     ReadJobLog: _aio.UnaryUnaryMultiCallable[_jobnet_pb2.ReadJobLogRequest, _jobnet_pb2.ReadJobLogResponse]  # type: ignore[assignment]
     """A job's stdout or stderr, read from its node (the controller forwards to the node's agent)."""
+    ReportUsage: _aio.UnaryUnaryMultiCallable[_jobnet_pb2.ReportUsageRequest, _jobnet_pb2.ReportUsageResponse]  # type: ignore[assignment]
+    """Network accounting (issue 4). Agent -> controller: cumulative per-job counters, periodically and at
+    the job's end; duplicates are harmless (per-job sequence numbers).
+    """
+    QueryUsage: _aio.UnaryUnaryMultiCallable[_jobnet_pb2.QueryUsageRequest, _jobnet_pb2.QueryUsageResponse]  # type: ignore[assignment]
+    """People and scripts: totals and time series per job / group / node / user, within a window."""
 
 class ControllerServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -217,6 +229,24 @@ class ControllerServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_jobnet_pb2.ReadJobLogResponse, _abc.Awaitable[_jobnet_pb2.ReadJobLogResponse]]:
         """A job's stdout or stderr, read from its node (the controller forwards to the node's agent)."""
+
+    @_abc_1.abstractmethod
+    def ReportUsage(
+        self,
+        request: _jobnet_pb2.ReportUsageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_jobnet_pb2.ReportUsageResponse, _abc.Awaitable[_jobnet_pb2.ReportUsageResponse]]:
+        """Network accounting (issue 4). Agent -> controller: cumulative per-job counters, periodically and at
+        the job's end; duplicates are harmless (per-job sequence numbers).
+        """
+
+    @_abc_1.abstractmethod
+    def QueryUsage(
+        self,
+        request: _jobnet_pb2.QueryUsageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_jobnet_pb2.QueryUsageResponse, _abc.Awaitable[_jobnet_pb2.QueryUsageResponse]]:
+        """People and scripts: totals and time series per job / group / node / user, within a window."""
 
 def add_ControllerServicer_to_server(servicer: ControllerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
