@@ -224,13 +224,17 @@ class Controller:
         node.boot_id, node.applied_revision = req.boot_id, req.applied_revision
         node.agent_version, node.agent_address = req.agent_version, req.agent_address
         node.state = pb.NODE_STATE_READY
+        txn = Txn()
+        if not node.mac_prefix:
+            index = self.c.counters.get("node_index", 0) + 1
+            node.mac_prefix = ipam.node_mac_prefix(index)
+            txn.put("counter", "node_index", {"value": index})
         self.last_seen[name] = time.monotonic()
         self.applied[name] = req.applied_revision
         if mtu < max((g.mtu for g in self.c.groups.values()), default=0) + self.cfg.overhead:
             log.warning("node %s has underlay MTU %d: groups with a larger MTU than %d will lose large frames",
                         name, mtu, mtu - self.cfg.overhead)
         if old != node:
-            txn = Txn()
             txn.put("node", name, to_record(node))
             # A node that moved changes its peers' endpoints; a new node needs a view.
             peers = {n for g in self.c.groups_of_node(name) for n in self.c.nodes_of_group(g)}
@@ -300,7 +304,7 @@ class Controller:
         net = ipaddress.IPv4Network(group.subnet)
         ip = ipam.allocate_ip(net, {ipaddress.IPv4Address(j.ip) for j in live},
                               self.c.quarantined(self.now()), gname)
-        mac = ipam.random_mac({j.mac for j in live})
+        mac = ipam.random_mac({j.mac for j in self.c.live_jobs(node=nname)} | {j.mac for j in live}, node.mac_prefix)
         job_id = secrets.token_hex(5)
         while job_id in self.c.jobs:
             job_id = secrets.token_hex(5)

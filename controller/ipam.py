@@ -117,10 +117,18 @@ def free_count(net: Net, in_use: Collection[Addr], quarantined: Collection[Addr]
     return n - sum(1 for ip in in_use if ip in net) - sum(1 for ip in quarantined if ip in net)
 
 
-def random_mac(taken: Collection[str]) -> str:
-    """A random, locally administered, unicast MAC (first octet 02)."""
+def node_mac_prefix(index: int) -> str:
+    """The MAC prefix of node number `index` (1..65535): 02:NN:NN (locally administered, unicast)."""
+    if not 1 <= index <= 0xFFFF:
+        raise ResourceExhausted("more than 65535 nodes have registered: node numbers are exhausted")
+    return f"02:{index >> 8:02x}:{index & 0xFF:02x}"
+
+
+def random_mac(taken: Collection[str], prefix: str = "02") -> str:
+    """A random MAC under `prefix` (default: any locally administered unicast MAC, first octet 02)."""
+    n = 6 - len(prefix.split(":"))
     while True:
-        mac = "02:" + ":".join(f"{b:02x}" for b in secrets.token_bytes(5))
+        mac = prefix + ":" + ":".join(f"{b:02x}" for b in secrets.token_bytes(n))
         if mac not in taken:
             return mac
 

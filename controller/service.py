@@ -129,6 +129,15 @@ class ControllerService(pbg.ControllerServicer):
             raise Unavailable(f"could not read the log of job {job.id} from node {job.node}'s agent at "
                               f"{address}: {e.code().name}: {e.details()}") from None
 
+    # ---------------------------------------------------------------- accounting (being built: issue 4)
+    async def ReportUsage(self, request: pb.ReportUsageRequest, context: Any) -> pb.ReportUsageResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "network accounting is not available in this controller")
+        raise AssertionError("unreachable")
+
+    async def QueryUsage(self, request: pb.QueryUsageRequest, context: Any) -> pb.QueryUsageResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "network accounting is not available in this controller")
+        raise AssertionError("unreachable")
+
     # ---------------------------------------------------------------- watch
     async def WatchNode(self, request: pb.WatchNodeRequest, context: Any) -> AsyncIterator[pb.NodeStateUpdate]:
         try:

@@ -223,3 +223,17 @@ def test_node_without_heartbeat_is_lost_and_comes_back(tmp_path: Path) -> None:
         assert c.stub.ListNodes(pb.ListNodesRequest()).nodes[0].state == pb.NODE_STATE_READY
     finally:
         c.stop()
+
+
+def test_job_macs_carry_their_nodes_prefix(ctl: ControllerProc) -> None:
+    """Accounting tells same-node peers by MAC prefix (02:NN:NN = node number): unique per node, kept."""
+    s = ctl.stub
+    p1 = ctl.node("n1", "198.18.5.11", "b1").node.mac_prefix
+    p2 = ctl.node("n2", "198.18.5.12", "b2").node.mac_prefix
+    assert p1 != p2 and p1.startswith("02:") and len(p1) == 8
+    assert ctl.node("n1", "198.18.5.11", "b1-again").node.mac_prefix == p1, "a restart keeps the number"
+    s.CreateGroup(pb.CreateGroupRequest(name="blue"))
+    macs = {n: [s.CreateJob(pb.CreateJobRequest(group="blue", node=n, command=["true"])).mac for _ in range(20)]
+            for n in ("n1", "n2")}
+    assert all(m.startswith(p1 + ":") for m in macs["n1"]) and all(m.startswith(p2 + ":") for m in macs["n2"])
+    assert len(set(macs["n1"] + macs["n2"])) == 40

@@ -369,6 +369,7 @@ class Node(_message.Message):
     LIVE_JOBS_FIELD_NUMBER: _builtins.int
     AGENT_VERSION_FIELD_NUMBER: _builtins.int
     AGENT_ADDRESS_FIELD_NUMBER: _builtins.int
+    MAC_PREFIX_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     underlay_ip: _builtins.str
     underlay_mtu: _builtins.int
@@ -379,6 +380,10 @@ class Node(_message.Message):
     agent_version: _builtins.str
     agent_address: _builtins.str
     """HOST:PORT of the node's NodeAgent service"""
+    mac_prefix: _builtins.str
+    """"02:NN:NN": the first three octets of the MAC of every job on this node (locally administered,
+    NN:NN = the node's number). Accounting tells same-node peers from remote ones by it, in the kernel.
+    """
     @_builtins.property
     def last_heartbeat(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -397,10 +402,11 @@ class Node(_message.Message):
         live_jobs: _builtins.int = ...,
         agent_version: _builtins.str = ...,
         agent_address: _builtins.str = ...,
+        mac_prefix: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["last_heartbeat", b"last_heartbeat", "registered", b"registered"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_address", b"agent_address", "agent_version", b"agent_version", "applied_revision", b"applied_revision", "boot_id", b"boot_id", "last_heartbeat", b"last_heartbeat", "live_jobs", b"live_jobs", "name", b"name", "registered", b"registered", "state", b"state", "underlay_ip", b"underlay_ip", "underlay_mtu", b"underlay_mtu"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_address", b"agent_address", "agent_version", b"agent_version", "applied_revision", b"applied_revision", "boot_id", b"boot_id", "last_heartbeat", b"last_heartbeat", "live_jobs", b"live_jobs", "mac_prefix", b"mac_prefix", "name", b"name", "registered", b"registered", "state", b"state", "underlay_ip", b"underlay_ip", "underlay_mtu", b"underlay_mtu"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
