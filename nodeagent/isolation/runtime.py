@@ -30,6 +30,7 @@ import fcntl
 import json
 import logging
 import os
+import queue
 import select
 import shutil
 import signal
@@ -63,6 +64,7 @@ log = logging.getLogger(__name__)
 
 NS_GET_NSTYPE = 0xB703
 WARM_QUIET_S = 0.005  # warm slots are refilled only after this long without a launch
+REAPERS = 4  # at most this many threads finish cleanups (mostly waiting on cgroupfs and the file system)
 _PKG_PARENT = str(Path(__file__).resolve().parents[2])
 _BOOT = (
     "import sys; sys.path.insert(0, {path!r}); "
@@ -159,6 +161,20 @@ class _Warm:
             _destroy_cgroup(self.cgroup)
 
 
+@dataclass
+class _Reap:
+    """What cleanup() leaves to the reaper threads: a killed init, the job's cgroup, its dirs (renamed to hidden
+    tomb names, so no listing sees the job any more)."""
+
+    job_id: str
+    init_killed: bool  # the init got SIGKILL (or had exited): its PID namespace empties by itself
+    cgroup: JobCgroupLike | None
+    cgroup_name: str
+    dirs: list[Path]
+    attempts: int = 0
+    kernel_done: bool = False  # processes and cgroup gone; the dirs (already invisible under their names) next
+
+
 class _Rollback:
     """Ordered steps with undo: `do(step, fn, undo)`; on failure, undo everything done in reverse order."""
 
@@ -224,6 +240,13 @@ class JobRuntime:
         self._warm_wake = threading.Event()
         self._last_launch = 0.0
         self._closed = False
+        self._reaping: dict[str, _Reap] = {}  # cleaned up, not yet gone from the kernel and the disk
+        self._reaped = threading.Condition(self._lock)
+        # (stage, seq, item): every cgroup (stage 0) goes before any directory removal (stage 1); 2 = stop
+        self._reap_q: queue.PriorityQueue[tuple[int, int, _Reap | None]] = queue.PriorityQueue()
+        self._reap_seq = 0
+        self._reap_errors: list[str] = []
+        self._reapers: list[threading.Thread] = []
         try:  # the limits of a job that asks for nothing: what warm slots are made with
             self._default_limits = job_defaults(settings).limits
         except SpecError as e:
@@ -273,6 +296,12 @@ class JobRuntime:
         """Stop the zygote (it lingers only to reap the inits of still-running jobs). Jobs keep running."""
         self._closed = True
         self._warm_wake.set()
+        if not self.wait_reaped(10.0):
+            log.error("jobs still being cleaned up at close(): %s (recover() finishes them)", sorted(self._reaping))
+        for _ in self._reapers:
+            self._reap_q.put((2, 0, None))
+        for t in self._reapers:
+            t.join(timeout=5)
         if self._warm_thread is not None:
             self._warm_thread.join(timeout=5)
         with self._lock:
@@ -412,6 +441,10 @@ class JobRuntime:
         """Launch a job; return its init's pid once the job has passed the barrier and exec'd."""
         plan = build_plan(self.settings, req)
         with self._lock:
+            # the same id again right after its cleanup(): wait until the old cgroup and dirs are gone
+            self._reaped.wait_for(lambda: req.job_id not in self._reaping, timeout=self.settings.setup_timeout_s)
+            if req.job_id in self._reaping:
+                raise SpecError(f"job {req.job_id} is still being cleaned up", req.job_id)
             if req.job_id in self._jobs or req.job_id in self._done or req.job_id in self._launching:
                 raise SpecError(f"job {req.job_id} already exists", req.job_id)
             self._launching.add(req.job_id)
@@ -622,26 +655,27 @@ class JobRuntime:
             return {j.job_id: j.pid for j in self._jobs.values()}
 
     def stop(self, job_id: str, grace_s: float = 10.0) -> None:
-        """SIGTERM to the job now (its init forwards it to the job's process group); SIGKILL of every process
-        in the job's cgroup once the grace has passed (enforced by poll()). Non-blocking; idempotent."""
+        """SIGTERM to the job now (its init forwards it to the job's process group); SIGKILL once the grace has
+        passed (enforced by poll()), at once with grace 0. Non-blocking; idempotent."""
         with self._lock:
             job = self._jobs.get(job_id)
             if job is None:
                 if job_id in self._done:
                     return
                 raise UnknownJob(job_id)
-        deadline = time.time() + max(grace_s, 0.0)
-        job.state.request_stop(deadline)
-        job.stop_deadline = job.state.stop_deadline() or deadline
-        with contextlib.suppress(ProcessLookupError, OSError):
-            signal.pidfd_send_signal(job.pidfd, signal.SIGTERM)
+        job.stop_deadline = job.state.request_stop(time.time() + max(grace_s, 0.0))
         if grace_s <= 0:
             self._kill(job)
+            return
+        with contextlib.suppress(ProcessLookupError, OSError):
+            signal.pidfd_send_signal(job.pidfd, signal.SIGTERM)
 
     def _kill(self, job: _Job) -> None:
+        """SIGKILL of the job's init, PID 1 of the job's PID namespace: the kernel then kills every process of
+        the namespace, and with it every process of the job (a job process cannot leave its PID namespace, nor,
+        unprivileged, its cgroup), before the init is reported exited. The cgroup's own kill (freeze, kill,
+        thaw) runs in the reaper after cleanup() as a safety net."""
         job.killed = True
-        if job.cgroup is not None:
-            job.cgroup.kill_all()
         with contextlib.suppress(ProcessLookupError, OSError):
             signal.pidfd_send_signal(job.pidfd, signal.SIGKILL)
 
@@ -714,7 +748,8 @@ class JobRuntime:
         known_cgroups = {str((JobState(self.settings.state_dir, j).plan() or {}).get("cgroup") or j) for j in ids}
         try:
             with self._lock:
-                keep = known_cgroups | self._warm_names | {j.cgroup_name for j in self._jobs.values()}
+                keep = (known_cgroups | self._warm_names | {j.cgroup_name for j in self._jobs.values()}
+                        | {r.cgroup_name for r in self._reaping.values()})
             orphans = [j for j in self._cg.list_jobs() if j not in keep]
         except Exception:
             log.exception("listing job cgroups failed")
@@ -734,7 +769,8 @@ class JobRuntime:
                         continue
                     with self._lock:
                         busy = (d.name in self._launching or d.name in self._jobs
-                                or d.name.lstrip(".") in self._warm_names)
+                                or d.name.lstrip(".") in self._warm_names
+                                or any(d in r.dirs for r in self._reaping.values()))
                     if not busy and (root == self.settings.scratch_root or d.name.startswith(".")):
                         shutil.rmtree(d, ignore_errors=True)
         return exits
@@ -747,21 +783,110 @@ class JobRuntime:
         return cg
 
     def cleanup(self, job_id: str) -> None:
-        """Kill whatever is left of the job, remove its cgroup, scratch dir and state. Idempotent."""
+        """Kill whatever is left of the job and release its cgroup, scratch dir and state. Idempotent.
+
+        Returns once the job's init is SIGKILLed (the kernel kills the rest of its PID namespace) and its state
+        and scratch dirs are renamed to hidden tomb names (no listing, known job or new launch sees them): the
+        waiting for the processes to die, the cgroup's kill and removal and the removal of the dirs run in the
+        reaper threads ("jn-reap<n>", up to REAPERS). `wait_reaped()` waits for that; `close()` does too; a
+        failure is retried, logged and listed in `reap_errors()`; after an agent crash `recover()` removes
+        whatever is left.
+        """
         with self._lock:
             job = self._jobs.pop(job_id, None) or self._done.pop(job_id, None)
-        plan = JobState(self.settings.state_dir, job_id).plan() or {}
-        cg = job.cgroup if job is not None and job.cgroup is not None else self._open_cgroup(
-            str(plan.get("cgroup") or job_id))
+            if job is None and job_id in self._reaping:
+                return
+            item = self._reaping[job_id] = _Reap(job_id, False, None, job_id, [])  # a start() of it waits now
+        st = job.state if job is not None else JobState(self.settings.state_dir, job_id)
+        plan = (st.plan() or {}) if job is None or not job.cgroup_name else {}
+        cg_name = job.cgroup_name if job is not None and job.cgroup_name else str(plan.get("cgroup") or job_id)
+        cg = job.cgroup if job is not None and job.cgroup is not None else self._open_cgroup(cg_name)
+        init_killed = job is not None and (job.exited or job.pidfd >= 0)
         if job is not None and job.pidfd >= 0:
-            _kill_and_wait(job.pidfd)
+            with contextlib.suppress(ProcessLookupError, OSError):
+                signal.pidfd_send_signal(job.pidfd, signal.SIGKILL)
+            # closed now, not by the reaper: an open pidfd pins the init's struct pid and with it the job's
+            # PID namespace (the zygote reaps the init)
             os.close(job.pidfd)
-        if cg is not None:
-            _destroy_cgroup(cg)
-        shutil.rmtree(self.settings.scratch_root / job_id, ignore_errors=True)
-        if job is not None and job.scratch_dir != self.settings.scratch_root / job_id:
-            shutil.rmtree(job.scratch_dir, ignore_errors=True)
-        JobState(self.settings.state_dir, job_id).remove()
+            job.pidfd = -1
+        dirs = {st.dir, self.settings.scratch_root / job_id}
+        if job is not None:
+            dirs.add(job.scratch_dir)
+        tag = os.urandom(5).hex()
+        tombs: list[Path] = []
+        for d in sorted(dirs):
+            tomb = d.parent / f".z{tag}-{d.name}"  # hidden: not a job for list_job_ids(), recover() removes it
+            try:
+                os.rename(d, tomb)
+                tombs.append(tomb)
+            except FileNotFoundError:
+                continue
+            except OSError as e:
+                log.warning("job %s: cannot rename %s (%s): removed by the reaper under its name", job_id, d, e)
+                tombs.append(d)
+        with self._lock:
+            item.init_killed, item.cgroup, item.cgroup_name, item.dirs = init_killed, cg, cg_name, tombs
+            if len(self._reapers) < min(REAPERS, len(self._reaping)):  # more when cleanups pile up
+                t = threading.Thread(target=self._reap_loop, name=f"jn-reap{len(self._reapers)}", daemon=True)
+                t.start()
+                self._reapers.append(t)
+        self._reap_put(item)
+
+    def _reap_put(self, item: _Reap) -> None:
+        with self._lock:
+            self._reap_seq += 1
+            seq = self._reap_seq
+        self._reap_q.put((1 if item.kernel_done else 0, seq, item))
+
+    def wait_reaped(self, timeout: float = 5.0) -> bool:
+        """Wait until every cleaned-up job is gone (processes, cgroup, dirs); False after `timeout`."""
+        with self._lock:
+            return self._reaped.wait_for(lambda: not self._reaping, timeout=timeout)
+
+    def reap_errors(self) -> list[str]:
+        """Cleanups the reaper gave up on (each also logged): what recover() at the next start will remove."""
+        with self._lock:
+            return list(self._reap_errors)
+
+    def _reap_loop(self) -> None:
+        while True:
+            _, _, item = self._reap_q.get()
+            if item is None:
+                return
+            try:
+                if not item.kernel_done:
+                    self._reap_kernel(item)
+                    item.kernel_done, item.attempts = True, 0
+                    self._reap_put(item)  # the dirs after every pending cgroup
+                    continue
+                self._reap_dirs(item)
+            except Exception as e:
+                item.attempts += 1
+                if item.attempts < 5 and not self._closed:
+                    log.warning("job %s: cleanup failed (%s), retrying", item.job_id, _cause(e))
+                    threading.Timer(0.2 * item.attempts, self._reap_put, (item,)).start()
+                    continue
+                log.exception("job %s: cleanup failed, giving up", item.job_id)
+                with self._lock:
+                    self._reap_errors.append(f"{item.job_id}: {_cause(e)}")
+            with self._lock:
+                if self._reaping.get(item.job_id) is item:
+                    del self._reaping[item.job_id]
+                self._reaped.notify_all()
+
+    def _reap_kernel(self, item: _Reap) -> None:
+        if item.cgroup is not None:
+            if item.init_killed and item.attempts == 0:  # the kernel empties the PID namespace: no freezing
+                with contextlib.suppress(Exception):
+                    item.cgroup.wait_empty(2.0)
+            _destroy_cgroup(item.cgroup)  # kill_all (a safety net: normally empty by now), rmdir
+
+    def _reap_dirs(self, item: _Reap) -> None:
+        for d in item.dirs:
+            shutil.rmtree(d, ignore_errors=True)
+        left = [str(d) for d in item.dirs if d.exists()]
+        if left:
+            raise OSError(f"not removed: {', '.join(left)}")
 
 
 # -- helpers ---------------------------------------------------------------------------------------------

@@ -184,6 +184,40 @@ def test_stop_kills_double_forked_children(runtime: JobRuntime, netns: Path, par
     assert all(not Path(f"/proc/{p}").exists() or _zombie(p) for p in procs)
 
 
+def test_cleanup_returns_at_once_and_the_reaper_leaves_nothing(
+        runtime: JobRuntime, netns: Path, parent: str) -> None:
+    from nodeagent.isolation.state import STOP_XATTR, list_job_ids
+
+    job_id = f"r{rand(8)}"
+    runtime.start(LaunchRequest(job_id, ("sh", "-c", "sleep 1000 & sleep 1000"), netns))
+    deadline = time.monotonic() + 5
+    while len(cgroup_procs_of(parent)) < 3 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    procs = cgroup_procs_of(parent)
+    assert len(procs) >= 3, procs  # init, sh, two sleeps
+    state = runtime.settings.state_dir / job_id
+    runtime.stop(job_id, grace_s=30)
+    first = float(os.getxattr(state, STOP_XATTR))
+    runtime.stop(job_id, grace_s=0)  # the earlier deadline wins
+    assert float(os.getxattr(state, STOP_XATTR)) < first
+    runtime.cleanup(job_id)
+    # at once: the job is no longer known, its dirs no longer exist under their names
+    assert job_id not in runtime.running() and job_id not in list_job_ids(runtime.settings.state_dir)
+    assert not state.exists() and not (runtime.settings.scratch_root / job_id).exists()
+    runtime.cleanup(job_id)  # idempotent while the reaper works
+    # the same id again right away: the launch waits for the old cgroup to be gone
+    runtime.start(LaunchRequest(job_id, ("sleep", "1000"), netns))
+    runtime.stop(job_id, grace_s=0)
+    runtime.cleanup(job_id)
+    assert runtime.wait_reaped(5.0) and runtime.reap_errors() == []
+    assert cgroup_procs_of(parent) == []
+    assert all(not Path(f"/proc/{p}").exists() or _zombie(p) for p in procs)
+    for hier in Path("/sys/fs/cgroup").iterdir():
+        assert not (hier / parent / f"jn-{job_id}").exists(), f"cgroup left in {hier}"
+    for root in (runtime.settings.state_dir, runtime.settings.scratch_root):
+        assert [d for d in os.listdir(root) if not d.startswith(".w")] == [], os.listdir(root)
+
+
 def _zombie(pid: str) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
