@@ -326,7 +326,7 @@ class Jobnet:
 
     def warm(self, jid: str) -> bool:
         plan = json.loads((WORK / "state" / jid / "plan.json").read_text())
-        return str(plan.get("cgroup", "")).startswith("w")
+        return bool(plan.get("warm_slot"))  # the runtime records the slot it launched through
 
     def objects(self, jid: str) -> Objects:
         from nodeagent import names
