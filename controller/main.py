@@ -14,6 +14,7 @@ from pathlib import Path
 
 import grpc
 
+from controller import metrics
 from controller.core import Config, Controller
 from controller.service import ControllerService
 from controller.store_sqlite import SchemaError, SqliteStore
@@ -61,6 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="a node without a heartbeat for this long is marked lost (default: %(default)s)")
     p.add_argument("--heartbeat-interval-ms", type=int, default=2000,
                    help="how often agents send heartbeats (default: %(default)s)")
+    p.add_argument("--metrics-listen", metavar="HOST:PORT",
+                   help="serve Prometheus metrics on http://HOST:PORT/metrics (default: off)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     a = p.parse_args(argv)
     try:
@@ -106,6 +109,12 @@ async def serve(a: argparse.Namespace) -> int:
             log.error("cannot listen on %s: %s", addr, e)
             return 1
     await server.start()
+    if a.metrics_listen:
+        try:
+            metrics.serve(core, a.metrics_listen, asyncio.get_running_loop())
+        except (OSError, ValueError) as e:
+            log.error("cannot serve metrics on %s: %s", a.metrics_listen, e)
+            return 1
     print(f"jobnet-controller listening on {', '.join(a.listen)} (state {a.db}, revision {core.c.revision})",
           flush=True)
     stop = asyncio.Event()

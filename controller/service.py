@@ -15,6 +15,7 @@ from controller import topology, validate
 from controller.core import Controller
 from controller.errors import ApiError, Unavailable
 from controller.identity import identify
+from controller.metrics import RPCS
 from protos.jobnet.v1 import jobnet_pb2 as pb
 from protos.jobnet.v1 import jobnet_pb2_grpc as pbg
 
@@ -30,8 +31,11 @@ def rpc(fn: Handler[T]) -> Handler[T]:
     @functools.wraps(fn)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> T:
         try:
-            return await fn(self, request, context)
+            result = await fn(self, request, context)
+            RPCS[(fn.__name__, "OK")] += 1
+            return result
         except ApiError as e:
+            RPCS[(fn.__name__, e.code.name)] += 1
             log.debug("%s from %s: %s %s", fn.__name__, identify(context), e.code.name, e.message)
             await context.abort(e.code, e.message)
         except asyncio.CancelledError:
@@ -39,6 +43,7 @@ def rpc(fn: Handler[T]) -> Handler[T]:
         except Exception as e:
             if isinstance(e, grpc.aio.AbortError):
                 raise
+            RPCS[(fn.__name__, "INTERNAL")] += 1
             log.exception("%s failed", fn.__name__)
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {fn.__name__}: {e}; "
                                 "see the controller's log")
