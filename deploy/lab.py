@@ -82,6 +82,12 @@ class Lab:
     def job_netns(self, node: str, job_id: str) -> Path:
         return self.node_dir(node) / "netns" / f"jnj-{job_id}"
 
+    def cgroup_parent(self, node: str) -> str:
+        """The cgroup parent of the node's agent. An agent names it jn-<node>: unique on a real machine, but
+        labs on one machine share its cgroup tree and all have an n1, so an agent's start-up recover() and a
+        lab's down() would remove the jobs of every other lab. Each lab's agents get jn-<lab>-<node>."""
+        return f"jn-{self.name}-{node}"
+
     # ---------------------------------------------------------------- registry
 
     @property
@@ -159,7 +165,7 @@ class Lab:
 
     def start_agent(self, node: str) -> None:
         d = self.node_dir(node)
-        argv = [self.python, "-m", "nodeagent.main", "--name", node,
+        argv = [self.python, "-m", "deploy.lab", "_agent", self.cgroup_parent(node), "--", "--name", node,
                 "--netns", str(NETNS_RUN / self.ns(node)),
                 "--controller", f"{self.underlay_ip('ctl')}:{CONTROLLER_PORT}",
                 "--underlay-ifname", "jnul0", "--underlay-ip", self.underlay_ip(node),
@@ -287,7 +293,7 @@ class Lab:
         for mp in sorted((m for m in mounts if m.startswith(str(self.dir) + "/")), key=len, reverse=True):
             _umount(Path(mp))
         for i in range(1, self.nodes + 1):
-            _remove_cgroups(f"jn-n{i}", self)
+            _remove_cgroups(self.cgroup_parent(f"n{i}"), self)
 
 
 def _remove_cgroups(parent: str, lab: Lab) -> None:
@@ -367,6 +373,15 @@ def _nsexec(path: str, argv: list[str]) -> None:
     os.execvp(argv[0], argv)
 
 
+def _agent(cgroup_parent: str, argv: list[str]) -> int:
+    """jobnet-agent (nodeagent.main) with the lab's per-lab cgroup parent (see Lab.cgroup_parent)."""
+    from nodeagent import config
+    from nodeagent import main as agent_main
+
+    config.AgentSettings.cgroup_parent = property(lambda _self: cgroup_parent)  # type: ignore[method-assign, assignment]
+    return agent_main.main(argv)
+
+
 # -------------------------------------------------------------------- demo
 
 def demo(lab: Lab, keep: bool) -> int:
@@ -444,6 +459,8 @@ def wait_running(lab: Lab, job_ids: list[str], timeout: float = 30) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "_agent":
+        return _agent(argv[1], argv[argv.index("--") + 1:])
     if argv and argv[0] == "_nsexec":
         sep = argv.index("--")
         _nsexec(argv[1], argv[sep + 1:])
