@@ -4,6 +4,7 @@ Three parties, one direction of truth:
 
     controller --WatchNode--> desired state (persisted) --reconcile--> kernel (network) + runtime (jobs)
     runtime --poll--> job exits --outbox (durable)--> controller (ReportJobStatus)
+    job netns counters --sample / final--> usage spool (durable) --> controller (ReportUsage)
 
 Reconcile, don't script: every pass compares the whole desired state with what the kernel and the
 runtime have and fixes the difference, so a restart, a missed message or an object deleted by hand heals
@@ -11,7 +12,10 @@ itself. A pass is cheap when little changed (the network reconciler keeps a mode
 full pass that reads the kernel anew runs at start-up, every `resync_interval_s` and after any error.
 
 Threads: the asyncio loop talks gRPC; every kernel and runtime call runs on ONE worker thread
-(`self._kernel`), so netlink sockets and runtime state never see two callers at once.
+(`self._kernel`), so netlink sockets and runtime state never see two callers at once. That includes the
+network accounting (`nodeagent.accounting`): its table is installed before a job's first process, its
+counters are sampled every `usage_interval_s` and read a last time when the job's last process exited
+(`_job_ended`, always on the kernel thread, so a final reading never races a sample).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +34,8 @@ from typing import Any, Protocol
 
 import grpc
 
+from nodeagent.accounting import AccountingError, JobNet, NetAccounting, Reading, UsageMeter, UsageSpool
+from nodeagent.accounting.report import to_report
 from nodeagent.config import AgentSettings
 from nodeagent.desired import DesiredState, LocalJob, StaleDelta
 from nodeagent.logs import NodeAgentService
@@ -71,6 +78,16 @@ class JobExitLike:
 USAGE_FIELDS = ("cpu_seconds", "memory_peak_bytes", "io_read_bytes", "io_write_bytes", "pids_peak", "oom_kills")
 
 
+class AccountingLike(Protocol):
+    def ensure(self, job_id: str, netns: Path, mac: str) -> Reading: ...
+    def read(self, jobs: Mapping[str, JobNet], *, drain_s: float = 0.0) -> dict[str, Reading | AccountingError]: ...
+    def close(self) -> None: ...
+
+
+USAGE_BATCH = 500          # reports per ReportUsage call
+FINAL_DRAIN_S = 2.0        # at a job's end, wait up to this long for its orphan TCP sockets to stop sending
+
+
 class RuntimeLike(Protocol):
     def start_job(self, job: LocalJob, netns_path: Path) -> int: ...
     def stop(self, job_id: str, grace_s: float) -> None: ...
@@ -93,16 +110,28 @@ class Agent:
         runtime: RuntimeLike,
         network: NetworkReconcilerLike,
         setup_failed: tuple[type[BaseException], ...] = (SetupFailedLike,),
+        accounting: AccountingLike | None = None,
     ) -> None:
         self.s = settings
         self.runtime = runtime
         self.network = network
+        # Built here, in the agent's network namespace: it returns there after every visit to a job's.
+        self.accounting: AccountingLike = accounting if accounting is not None else NetAccounting()
         self._setup_failed = setup_failed
         self.boot_id = uuid.uuid4().hex
         self.store = AgentState(settings.state_dir)
         self.desired = self.store.load_desired()
         self.finished = self.store.load_finished()
         self.outbox = Outbox(settings.state_dir / "outbox.jsonl")
+        self.usage = UsageSpool(settings.state_dir / "usage", max_entries=settings.usage_spool_max)
+        self.meter = UsageMeter(settings.state_dir / "usage-bases.json")
+        for job_id, rec in self.usage.latest().items():
+            if not rec.final:
+                self.meter.seed(job_id, rec.totals)
+        self._usage_batch = USAGE_BATCH
+        self._usage_retry_at = 0.0
+        self._usage_unreachable = ""     # the last reason ReportUsage failed (logged once per reason)
+        self._usage_warned: set[str] = set()
         self.applied_revision = 0
         self._stopping_jobs: set[str] = set()
         self._ended_lock = threading.Lock()
@@ -117,7 +146,9 @@ class Agent:
         self._want_snapshot = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self.heartbeat_interval_s = 2.0
-        self.stats = {"reconciles": 0, "full_reconciles": 0, "steps": 0, "errors": 0}
+        self.stats = {"reconciles": 0, "full_reconciles": 0, "steps": 0, "errors": 0,
+                      "usage_samples": 0, "usage_read_errors": 0, "usage_repairs": 0, "usage_sample_ms": 0,
+                      "usage_sent": 0, "usage_rejected": 0, "usage_finals": 0, "usage_finals_missing": 0}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -125,8 +156,7 @@ class Agent:
         loop = self._loop = asyncio.get_running_loop()
         # 1. Jobs that ended while we were away: record and report them before anything else.
         exits = await loop.run_in_executor(self._kernel, self.runtime.recover)
-        for ex in exits:
-            self._job_ended(ex)
+        await loop.run_in_executor(self._kernel, self._jobs_ended, exits)
         # Adopted jobs are reported running again: a kill between a launch and its report would otherwise
         # leave the controller believing the job pending (a repeated report is a no-op there).
         for job_id, pid in (await loop.run_in_executor(self._kernel, self.runtime.running)).items():
@@ -149,6 +179,7 @@ class Agent:
             asyncio.create_task(self._guard("poll", self._poll_loop)),
             asyncio.create_task(self._guard("outbox", self._outbox_loop)),
             asyncio.create_task(self._guard("resync", self._resync_loop)),
+            asyncio.create_task(self._guard("usage", self._usage_loop)),
         ]
         await self._stop.wait()
         for t in tasks:
@@ -157,6 +188,8 @@ class Agent:
         if stop_jobs_on_exit:
             log.info("stopping every job and removing the node's network objects")
             await loop.run_in_executor(self._kernel, self._drain_sync)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._flush_usage(), timeout=3)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._flush_outbox(), timeout=3)
         await server.stop(grace=1)
@@ -259,6 +292,8 @@ class Agent:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._outbox_kick.wait(), timeout=1.0)
             self._outbox_kick.clear()
+            # Usage first: a job's final totals reach the controller before (or with) its end.
+            await self._flush_usage()
             await self._flush_outbox()
 
     async def _flush_outbox(self) -> None:
@@ -285,6 +320,111 @@ class Agent:
                 else:
                     return  # unreachable or refused for now: keep it, retry later
             self.outbox.ack(item["seq"])
+
+    async def _flush_usage(self) -> None:
+        """Send the spooled usage reports, oldest first, in batches; each acknowledged batch leaves the spool.
+        Unreachable, UNIMPLEMENTED (a controller without accounting) or any refusal for now: keep them all and
+        try again later (every usage interval for UNIMPLEMENTED)."""
+        assert self._stub is not None
+        if time.monotonic() < self._usage_retry_at:
+            return
+        while True:  # every pass acknowledges a batch or one refused report, or returns
+            batch = self.usage.pending(self._usage_batch)
+            if not batch:
+                return
+            req = pb.ReportUsageRequest(node=self.s.name, boot_id=self.boot_id,
+                                        reports=[to_report(r) for r in batch])
+            try:
+                resp = await self._stub.ReportUsage(req, timeout=10)
+            except grpc.aio.AioRpcError as e:
+                code = e.code()
+                if code == grpc.StatusCode.INVALID_ARGUMENT:
+                    if len(batch) > 1:  # find the one report it refuses: halve until it is alone
+                        self._usage_batch = max(1, len(batch) // 2)
+                        continue
+                    log.error("controller refused usage report seq %d of job %s (%s): dropping that one report",
+                              batch[0].seq, batch[0].job_id, e.details())
+                    self.stats["usage_rejected"] += 1
+                    self.usage.ack([batch[0].seq])
+                    continue
+                reason = f"{code.name}: {e.details()}"
+                if reason != self._usage_unreachable:
+                    log.warning("usage reports not delivered (%s); %d kept in the spool", reason, len(self.usage))
+                    self._usage_unreachable = reason
+                delay = self.s.usage_interval_s if code == grpc.StatusCode.UNIMPLEMENTED else 1.0
+                self._usage_retry_at = time.monotonic() + delay
+                return
+            if self._usage_unreachable:
+                log.info("usage reports delivered again (%d pending)", len(self.usage) - len(batch))
+                self._usage_unreachable = ""
+            self.usage.ack([r.seq for r in batch])
+            self.stats["usage_sent"] += len(batch)
+            if resp.unknown_jobs:
+                log.warning("controller dropped %d usage report(s) of jobs it does not know on this node",
+                            resp.unknown_jobs)
+            if self._usage_batch < USAGE_BATCH:
+                self._usage_batch = min(USAGE_BATCH, self._usage_batch * 2)
+
+    async def _usage_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while not self._stop.is_set():
+            await asyncio.sleep(self.s.usage_interval_s)
+            await loop.run_in_executor(self._kernel, self._sample_usage_sync)
+            self._outbox_kick.set()
+
+    def _sample_usage_sync(self) -> None:
+        """Kernel thread: read the counters of every live job into the spool (one fsync for all)."""
+        t0 = time.perf_counter()
+        desired = self.desired
+        jobs: dict[str, JobNet] = {}
+        for job_id in self.runtime.running():
+            job = desired.jobs.get(job_id)
+            if job is None or job_id in self.finished:
+                continue
+            jobs[job_id] = JobNet(self.network.job_netns_path(job_id), job.mac)
+        readings = self.accounting.read(jobs)
+        items = []
+        for job_id, r in readings.items():
+            if isinstance(r, AccountingError):
+                self.stats["usage_read_errors"] += 1
+                (log.warning if job_id not in self._usage_warned else log.debug)(
+                    "job %s: cannot read its network counters: %s", job_id, r)
+                self._usage_warned.add(job_id)
+                continue
+            self._usage_warned.discard(job_id)
+            if r.action != "ok":
+                self.stats["usage_repairs"] += 1
+                log.warning("job %s: accounting table %s: %s", job_id, r.action, "; ".join(r.problems) or "was gone")
+            items.append((job_id, r.sampled_ns, False, self.meter.observe(job_id, r)))
+        self.usage.add(items)
+        self.stats["usage_samples"] += len(items)
+        self.stats["usage_sample_ms"] = round((time.perf_counter() - t0) * 1000)
+        log.debug("usage: sampled %d job(s) in %.1f ms", len(items), (time.perf_counter() - t0) * 1000)
+
+    def _final_usage(self, ex: JobExitLike) -> None:
+        """Kernel thread, at a job's end: its last counters into the spool as the final report. Read only (no
+        table is created or repaired now), after the job's orphan TCP sockets stopped sending (bounded)."""
+        job_id = ex.job_id
+        never_ran = ex.end_reason == "setup-failed" or ex.message == "stopped before it started"
+        path = self.network.job_netns_path(job_id)
+        r = self.accounting.read({job_id: JobNet(path, None)}, drain_s=0.0 if never_ran else FINAL_DRAIN_S)[job_id]
+        if isinstance(r, AccountingError):
+            last = self.meter.last(job_id)
+            if last is None:
+                if not never_ran:
+                    self.stats["usage_finals_missing"] += 1
+                    log.error("job %s: no final network counters (%s) and no earlier sample", job_id, r)
+                return
+            log.error("job %s: final network counters unreadable (%s): its last sample is reported as final",
+                      job_id, r)
+            self.usage.add([(job_id, time.time_ns(), True, last)])
+        else:
+            if not r.drained:
+                log.warning("job %s: TCP sockets still sending %.1f s after its end: final counters read anyway",
+                            job_id, r.waited_s)
+            self.usage.add([(job_id, r.sampled_ns, True, self.meter.observe(job_id, r))])
+        self.stats["usage_finals"] += 1
+        self.meter.forget(job_id)
 
     # ------------------------------------------------------------------ reconcile
 
@@ -317,11 +457,18 @@ class Agent:
         loop = asyncio.get_running_loop()
         while not self._stop.is_set():
             await asyncio.sleep(self.s.poll_interval_s)
-            exits = await loop.run_in_executor(self._kernel, self.runtime.poll)
-            for ex in exits:
-                self._job_ended(ex)
+            exits = await loop.run_in_executor(self._kernel, self._poll_sync)
             if exits:
                 self._dirty.set()  # stopped jobs may now be cleaned up
+
+    def _poll_sync(self) -> list[JobExitLike]:
+        exits = self.runtime.poll()
+        self._jobs_ended(exits)
+        return exits
+
+    def _jobs_ended(self, exits: list[JobExitLike]) -> None:
+        for ex in exits:
+            self._job_ended(ex)
 
     def _reconcile_sync(self, desired: DesiredState, full: bool) -> None:
         """One pass. Order: stop what must not run, fix the network, start what must run, clean up."""
@@ -351,8 +498,20 @@ class Agent:
             if not job.desired_running:
                 self._job_ended(JobExitLike(job.id, "stopped", 0, 0, "stopped before it started"))
                 continue
+            netns = self.network.job_netns_path(job.id)
             try:
-                pid = self.runtime.start_job(job, self.network.job_netns_path(job.id))
+                # Counting starts before the job's first process exists (the runtime's barrier: network,
+                # cgroup, accounting, then exec).
+                acct = self.accounting.ensure(job.id, netns, job.mac)
+            except AccountingError as e:
+                msg = f"setup-failed: accounting: {e}"
+                log.warning("job %s: %s", job.id, msg)
+                self._job_ended(JobExitLike(job.id, "setup-failed", 0, 0, msg))
+                continue
+            if acct.action == "repaired":
+                log.warning("job %s: accounting table repaired before start: %s", job.id, "; ".join(acct.problems))
+            try:
+                pid = self.runtime.start_job(job, netns)
             except self._setup_failed as e:
                 log.warning("job %s: %s", job.id, e)
                 self._job_ended(JobExitLike(job.id, "setup-failed", 0, 0, str(e)))
@@ -375,12 +534,19 @@ class Agent:
                   (time.perf_counter() - t0) * 1000)
 
     def _job_ended(self, ex: JobExitLike) -> None:
-        """Record a job's end: first the report in the durable outbox, then the finished mark (a crash in
-        between reports twice, which the controller ignores; the other order could lose the report).
-        Called from the loop thread (poll) and the kernel thread (reconcile): serialised by a lock."""
+        """Record a job's end: first its final network counters in the durable usage spool, then the report
+        in the durable outbox, then the finished mark (a crash in between repeats them after the restart,
+        which the controller ignores: the runtime reports an unfinished job's exit again; the other order
+        could lose a report). Always called on the kernel thread (poll, recover, reconcile, drain); the lock
+        also keeps the finished set consistent for readers on the loop thread."""
         with self._ended_lock:
             if ex.job_id in self.finished:
                 return
+            try:
+                self._final_usage(ex)
+            except Exception:  # never let accounting keep a job's end from being reported
+                self.stats["errors"] += 1
+                log.exception("job %s: final network accounting failed", ex.job_id)
             log.info("job %s ended: %s (exit %d, signal %d) %s", ex.job_id, ex.end_reason, ex.exit_code,
                      ex.signal, ex.message)
             self.outbox.put({
@@ -402,11 +568,9 @@ class Agent:
             self.runtime.stop(job_id, 0.0)
         deadline = time.monotonic() + 5
         while self.runtime.running() and time.monotonic() < deadline:
-            for ex in self.runtime.poll():
-                self._job_ended(ex)
+            self._poll_sync()
             time.sleep(0.05)
-        for ex in self.runtime.poll():
-            self._job_ended(ex)
+        self._poll_sync()
         for job_id in self.runtime.known_jobs():
             self.runtime.cleanup(job_id)
         self.network.reconcile(DesiredState(), full=True)
@@ -414,6 +578,8 @@ class Agent:
     def _close_sync(self) -> None:
         self.network.close()
         self.runtime.close()
+        self.accounting.close()
+        self.usage.close()
 
 
 def _channel(address: str) -> grpc.aio.Channel:

@@ -23,6 +23,8 @@ class AgentSettings:
     job_gid: int = 65534
     allow_root_jobs: bool = False
     agent_port: int = 7401  # NodeAgent service (job logs) on underlay_ip
+    usage_interval_s: float = 10.0  # network accounting: sample every job's counters this often
+    usage_spool_max: int = 100_000  # usage reports kept for the controller before coalescing (see accounting)
     extra: dict[str, str] = field(default_factory=dict)
 
     @property

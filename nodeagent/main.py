@@ -72,6 +72,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--agent-port", type=int, default=7401,
                    help="port on the underlay address where the agent serves job logs to the controller "
                    "(default: %(default)s)")
+    p.add_argument("--usage-interval", type=float, default=10.0, metavar="SECONDS",
+                   help="network accounting: read every job's traffic counters and queue a usage report for the "
+                   "controller every SECONDS (default: %(default)s); a job's final totals are always read at its end")
+    p.add_argument("--usage-spool-max", type=int, default=100_000, metavar="N",
+                   help="usage reports kept on disk while the controller does not acknowledge them; when full, "
+                   "older samples of a job are merged into its newest (totals are never lost) and an alarm is "
+                   "logged (default: %(default)s)")
     p.add_argument("--site-config", type=Path, help="TOML file with the site's isolation [defaults] and "
                    "[max] (see nodeagent/site.py); default: no limits beyond the job's own requests")
     p.add_argument("--allow-root-jobs", action="store_true", help="let jobs ask to run as root")
@@ -83,6 +90,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ipaddress.IPv4Address(args.underlay_ip)
     except ValueError:
         p.error(f"--underlay-ip {args.underlay_ip!r} is not an IPv4 address")
+    if not 0.1 <= args.usage_interval <= 3600:
+        p.error(f"--usage-interval {args.usage_interval} is out of range 0.1..3600 seconds")
+    if args.usage_spool_max < 100:
+        p.error(f"--usage-spool-max {args.usage_spool_max} is too small (at least 100)")
     if not 1280 <= args.underlay_mtu <= 65535:
         p.error(f"--underlay-mtu {args.underlay_mtu} is out of range 1280..65535")
     return args
@@ -127,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         job_gid=args.job_gid,
         allow_root_jobs=args.allow_root_jobs,
         agent_port=args.agent_port,
+        usage_interval_s=args.usage_interval,
+        usage_spool_max=args.usage_spool_max,
     )
     for d in (settings.state_dir, settings.netns_dir, settings.scratch_root):
         d.mkdir(parents=True, exist_ok=True)
