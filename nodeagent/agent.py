@@ -39,6 +39,7 @@ from nodeagent.accounting.report import to_report
 from nodeagent.config import AgentSettings
 from nodeagent.desired import DesiredState, LocalJob, StaleDelta
 from nodeagent.logs import NodeAgentService
+from nodeagent.metrics import AgentMetrics
 from nodeagent.outbox import Outbox
 from nodeagent.state import AgentState
 from protos.jobnet.v1 import jobnet_pb2 as pb
@@ -135,6 +136,7 @@ class Agent:
         self.applied_revision = 0
         self._stopping_jobs: set[str] = set()
         self._ended_lock = threading.Lock()
+        self.metrics = AgentMetrics()
         self._kernel = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jn-kernel")
         self._dirty = asyncio.Event()
         self._full_pending = True
@@ -424,6 +426,10 @@ class Agent:
                             job_id, r.waited_s)
             self.usage.add([(job_id, r.sampled_ns, True, self.meter.observe(job_id, r))])
         self.stats["usage_finals"] += 1
+        final = self.meter.last(job_id)
+        job = self.desired.jobs.get(job_id)
+        if final is not None and job is not None:
+            self.metrics.job_traffic_ended(job.group, final)
         self.meter.forget(job_id)
 
     # ------------------------------------------------------------------ reconcile
@@ -510,8 +516,10 @@ class Agent:
                 continue
             if acct.action == "repaired":
                 log.warning("job %s: accounting table repaired before start: %s", job.id, "; ".join(acct.problems))
+            t0 = time.perf_counter()
             try:
                 pid = self.runtime.start_job(job, netns)
+                self.metrics.launch_seconds.observe(time.perf_counter() - t0)
             except self._setup_failed as e:
                 log.warning("job %s: %s", job.id, e)
                 self._job_ended(JobExitLike(job.id, "setup-failed", 0, 0, str(e)))

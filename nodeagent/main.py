@@ -75,6 +75,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--usage-interval", type=float, default=10.0, metavar="SECONDS",
                    help="network accounting: read every job's traffic counters and queue a usage report for the "
                    "controller every SECONDS (default: %(default)s); a job's final totals are always read at its end")
+    p.add_argument("--metrics-listen", metavar="HOST:PORT",
+                   help="serve Prometheus metrics on http://HOST:PORT/metrics, inside the agent's network "
+                   "namespace (default: off)")
     p.add_argument("--usage-spool-max", type=int, default=100_000, metavar="N",
                    help="usage reports kept on disk while the controller does not acknowledge them; when full, "
                    "older samples of a job are merged into its newest (totals are never lost) and an alarm is "
@@ -161,6 +164,16 @@ def main(argv: list[str] | None = None) -> int:
         underlay_ip=settings.underlay_ip,
     ))
     agent = Agent(settings, runtime, network, setup_failed=(SetupFailed,))
+    if args.metrics_listen:
+        from nodeagent import metrics
+
+        try:
+            metrics.serve(agent, args.metrics_listen)
+        except (OSError, ValueError) as e:
+            log.error("cannot serve metrics on %s: %s", args.metrics_listen, e)
+            network.close()
+            runtime.close()
+            return 1
 
     async def run() -> None:
         loop = asyncio.get_running_loop()

@@ -17,6 +17,7 @@ from deploy.lab import Lab, wait_running
 from protos.jobnet.v1 import jobnet_pb2 as pb
 
 PROBE = str(Path(__file__).with_name("probe.py"))
+METRICS_PORT = 9401  # each agent serves /metrics inside its own node namespace
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +26,8 @@ def lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
         pytest.skip("needs root")
     name = f"jnt{os.getpid() % 10000}"
     lab = Lab(name=name, nodes=3, dir=Path(f"/run/jobnet/test-{name}"),
-              agent_args=("--resync-interval", "2", "--log-level", "DEBUG"))
+              agent_args=("--resync-interval", "2", "--log-level", "DEBUG",
+                                                     "--metrics-listen", f"0.0.0.0:{METRICS_PORT}"))
     try:
         lab.up()
         yield lab
@@ -79,3 +81,18 @@ def eventually(fn: Any, timeout: float = 15.0, interval: float = 0.2) -> Any:
             return last
         time.sleep(interval)
     return last
+
+
+def scrape_agent(lab: Lab, node: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """An agent's /metrics, fetched from inside its node namespace, parsed with the Prometheus parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    r = lab.in_node(node, [sys.executable, "-c", "import urllib.request,sys; sys.stdout.write(urllib.request."
+                           f"urlopen('http://{lab.underlay_ip(node)}:{METRICS_PORT}/metrics', timeout=5).read()"
+                           ".decode())"])
+    assert r.returncode == 0, r.stderr
+    out = {}
+    for fam in text_string_to_metric_families(r.stdout):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out

@@ -172,3 +172,24 @@ def test_agent_sigkill_during_50_launches_then_nothing_leaks(lab: Lab, grp: str)
         assert time.monotonic() < deadline, {"netns": ns, "veth": veths, "cgroups": cgs, "mounts": mounts,
                                              "processes": alive}
         time.sleep(0.3)
+
+
+def test_agent_metrics_parse_and_agree_with_the_api(lab: Lab, grp: str) -> None:
+    from .conftest import scrape_agent
+
+    jid = lab.cli("job", "run", "--group", "iso", "--node", "n2", "--", "sleep", "600").stdout.strip()
+    deadline = time.monotonic() + 20
+    while lab.stub().GetJob(pb.GetJobRequest(id=jid)).state != pb.JOB_STATE_RUNNING:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    m = scrape_agent(lab, "n2")
+    running = [j for j in lab.stub().ListJobs(pb.ListJobsRequest(node="n2")).jobs if j.state == pb.JOB_STATE_RUNNING]
+    assert m[("jobnet_agent_jobs", (("state", "running"),))] == len(running) >= 1
+    all_n2 = lab.stub().ListJobs(pb.ListJobsRequest(node="n2", include_finished=True)).jobs
+    launched = [j for j in all_n2 if j.started.seconds]
+    assert m[("jobnet_agent_launch_seconds_count", ())] >= 1
+    assert m[("jobnet_agent_launch_seconds_count", ())] <= len(all_n2)
+    assert len(launched) >= 1
+    assert m[("jobnet_agent_outbox_records", ())] >= 0 and m[("jobnet_agent_usage_spool_alarm", ())] == 0
+    assert m[("jobnet_agent_desired_revision", ())] >= m[("jobnet_agent_applied_revision", ())] > 0
+    lab.cli("job", "stop", jid)
