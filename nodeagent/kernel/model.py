@@ -11,13 +11,15 @@ from pathlib import Path
 class NetSettings:
     """netns_dir: where job network namespace files live (jnj-<job>); underlay_ifname / underlay_ip: the
     node's underlay link and address (VXLAN local end); vxlan_port: UDP destination port; label: names the
-    agent's network namespace in errors (default: its inode, net:[...])."""
+    agent's network namespace in errors (default: its inode, net:[...]); neigh_sweep: how many job
+    namespaces a full reconcile reads the whole neighbour table of (round robin; see observe.Sweep)."""
 
     netns_dir: Path
     underlay_ifname: str
     underlay_ip: str
     vxlan_port: int = 4789
     label: str = ""
+    neigh_sweep: int = 8
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,7 @@ class BridgeAttrs:
     stp: bool
     forward_delay: int
     mcast_snooping: bool
+    mcast_querier: bool
 
 
 @dataclass(frozen=True)
@@ -52,18 +55,23 @@ class Link:
 
 @dataclass(frozen=True)
 class FdbEntry:
-    """A VXLAN FDB entry `mac -> dst` on device `dev` (mac 00:00:00:00:00:00: head-end flood entry)."""
+    """A VXLAN FDB entry `mac -> dst` on device `dev` (mac 00:00:00:00:00:00: head-end flood entry).
+    permanent: its state has NUD_PERMANENT (ours always do; one changed by hand is repaired)."""
 
     dev: str
     mac: str
     dst: str
+    permanent: bool = True
 
 
 @dataclass(frozen=True)
 class NeighEntry:
+    """An IPv4 neighbour entry on one of our VXLAN devices; permanent as in FdbEntry."""
+
     dev: str
     ip: str
     mac: str
+    permanent: bool = True
 
 
 @dataclass(frozen=True)
@@ -97,9 +105,18 @@ class Observed:
     fdb: dict[tuple[str, str, str], FdbEntry] = field(default_factory=dict)  # by fdb_key()
     neigh: dict[tuple[str, str], NeighEntry] = field(default_factory=dict)  # by (dev, ip)
     jobs: dict[str, JobNs] = field(default_factory=dict)
+    # PERMANENT IPv4 neighbour entries on eth0 of each job namespace that has an eth0, by job id: packed IP
+    # (4 bytes) -> packed MAC (6 bytes); bytes because a full reconcile reads hundreds of thousands of
+    # them. Only we make permanent entries there: one no peer needs goes. Entries in other states are the
+    # kernel's (left alone); a peer's is made permanent again. An observation reads a job's whole table
+    # only now and then (observe.Sweep), otherwise the entries of its peers' addresses: an entry for any
+    # other address may exist without being listed here (until a sweep finds it).
+    job_neigh: dict[str, dict[bytes, bytes]] = field(default_factory=dict)
 
-    def copy(self) -> Observed:
-        return Observed(dict(self.links), dict(self.fdb), dict(self.neigh), dict(self.jobs))
+    def copy(self, deep: bool = True) -> Observed:
+        """deep=False shares each job's neighbour dict: for a copy on which only whole jobs are dropped."""
+        job_neigh = {k: dict(v) for k, v in self.job_neigh.items()} if deep else dict(self.job_neigh)
+        return Observed(dict(self.links), dict(self.fdb), dict(self.neigh), dict(self.jobs), job_neigh)
 
 
 ZERO_MAC = "00:00:00:00:00:00"

@@ -130,7 +130,7 @@ class Netlink:
         """Created down: set it up once IPv6 is off on it (and likewise the other creates)."""
         self._req("create bridge", ifname, lambda: self._ipr.link(
             "add", ifname=ifname, kind="bridge", mtu=mtu, br_stp_state=0, br_forward_delay=0,
-            br_mcast_snooping=0))
+            br_mcast_snooping=0, br_mcast_querier=0))
 
     def create_vxlan(self, ifname: str, *, vni: int, mtu: int, local: str, link: int, port: int,
                      master: int) -> None:

@@ -1,12 +1,14 @@
 """Read what of ours the kernel holds into `model.Observed`: our links (by name, see nodeagent.names), the
 FDB and neighbour entries on our VXLAN devices, and every job namespace file in netns_dir with the config
-of its eth0 (read through a netlink socket opened inside it). Dumps retry on NLM_F_DUMP_INTR (netlink.py).
-Nothing here changes the kernel."""
+and the neighbour entries of its eth0 (read through a netlink socket opened inside it). Dumps retry on
+NLM_F_DUMP_INTR (rawnl.py). Nothing here changes the kernel."""
 
 from __future__ import annotations
 
+import bisect
 import os
 import socket
+from collections.abc import Collection, Mapping
 from pathlib import Path
 
 from nodeagent import names
@@ -33,7 +35,7 @@ MAIN_TABLE = 254
 # IFLA_INFO_DATA attribute types (linux/if_link.h)
 IFLA_VXLAN_ID, IFLA_VXLAN_LINK, IFLA_VXLAN_LOCAL = 1, 3, 4
 IFLA_VXLAN_LEARNING, IFLA_VXLAN_PROXY, IFLA_VXLAN_PORT = 7, 11, 15
-IFLA_BR_FORWARD_DELAY, IFLA_BR_STP_STATE, IFLA_BR_MCAST_SNOOPING = 1, 5, 23
+IFLA_BR_FORWARD_DELAY, IFLA_BR_STP_STATE, IFLA_BR_MCAST_SNOOPING, IFLA_BR_MCAST_QUERIER = 1, 5, 23, 25
 
 
 def _link(rec: rawnl.LinkInfo, by_index: dict[int, str]) -> Link:
@@ -48,7 +50,8 @@ def _link(rec: rawnl.LinkInfo, by_index: dict[int, str]) -> Link:
     elif rec.kind == "bridge":
         bridge = BridgeAttrs(stp=bool(rawnl.u32(d.get(IFLA_BR_STP_STATE))),
                              forward_delay=rawnl.u32(d.get(IFLA_BR_FORWARD_DELAY)),
-                             mcast_snooping=bool(rawnl.u32(d.get(IFLA_BR_MCAST_SNOOPING))))
+                             mcast_snooping=bool(rawnl.u32(d.get(IFLA_BR_MCAST_SNOOPING))),
+                             mcast_querier=bool(rawnl.u32(d.get(IFLA_BR_MCAST_QUERIER))))
     return Link(rec.ifname, rec.kind, rec.mtu, rec.up, by_index.get(rec.master, ""), vxlan=vxlan, bridge=bridge)
 
 
@@ -70,41 +73,78 @@ def observe_node(netns: str) -> tuple[Observed, dict[str, int]]:
             for f in rawnl.neighbours(sock, rawnl.AF_BRIDGE, netns):
                 dev = vx_index.get(f.ifindex)
                 if dev is not None and f.dst and f.flags & rawnl.NTF_SELF:
-                    e = FdbEntry(dev, f.mac, f.dst)
+                    e = FdbEntry(dev, f.mac, f.dst, bool(f.state & rawnl.NUD_PERMANENT))
                     obs.fdb[fdb_key(e)] = e
             for n in rawnl.neighbours(sock, socket.AF_INET, netns):
                 dev = vx_index.get(n.ifindex)
                 if dev is not None and n.dst:
-                    obs.neigh[(dev, n.dst)] = NeighEntry(dev, n.dst, n.mac)
+                    obs.neigh[(dev, n.dst)] = NeighEntry(dev, n.dst, n.mac, bool(n.state & rawnl.NUD_PERMANENT))
     return obs, {r.ifname: r.index for r in recs}
 
 
-def _inside_job(job_id: str, path: Path) -> JobNs:
-    """The state of a job namespace, read from inside it (the calling thread is in it)."""
+def _inside_job(job_id: str, path: Path, probe: Collection[bytes] | None) -> tuple[JobNs, dict[bytes, bytes] | None]:
+    """The state of a job namespace, read from inside it (the calling thread is in it): eth0's config and
+    its permanent neighbour entries (None without an eth0): all of them (probe None: a dump), or those
+    among the addresses `probe` (one lookup each)."""
     with rawnl.route_socket() as sock:
         links = rawnl.links(sock, path.name)
         eth0 = next((r for r in links if r.ifname == names.JOB_IFNAME), None)
         lo_up = any(r.index == LOOPBACK_IFINDEX and r.up for r in links)
         if eth0 is None:
-            return JobNs(job_id, usable=True, eth0=None, lo_up=lo_up)
+            return JobNs(job_id, usable=True, eth0=None, lo_up=lo_up), None
         addrs = frozenset(f"{a.address}/{a.prefixlen}" for a in rawnl.addrs(sock, path.name) if a.index == eth0.index)
         gateway = next((r.gateway for r in rawnl.routes(sock, path.name)
                         if r.table == MAIN_TABLE and r.dst_len == 0 and r.oif == eth0.index), "")
-    return JobNs(job_id, usable=True, eth0=JobIface(eth0.mac, eth0.mtu, eth0.up, addrs, gateway), lo_up=lo_up)
+        if probe is None:
+            neigh = rawnl.permanent_neighbours_v4(sock, eth0.index, path.name)
+        else:
+            neigh = rawnl.permanent_neighbours_v4_among(sock, eth0.index, probe, path.name)
+    return JobNs(job_id, usable=True, eth0=JobIface(eth0.mac, eth0.mtu, eth0.up, addrs, gateway), lo_up=lo_up), neigh
 
 
-def observe_jobs(namespaces: Namespaces, paths: dict[str, Path]) -> dict[str, JobNs]:
-    """Every job namespace file (by job id), from one worker thread. A file that is not (any more) a
-    network namespace is not usable; any other failure is raised."""
+class Sweep:
+    """Which job namespaces a full observation reads whole neighbour tables of: `per_pass` of them, round
+    robin over the job ids. Only a dump finds a permanent entry that is no peer's (made by hand, or left
+    by a peer that went while the agent was down), but a dump in one namespace walks the neighbour table
+    of the whole node: every namespace each time would cost O(jobs x entries)."""
+
+    def __init__(self, per_pass: int) -> None:
+        self.per_pass = per_pass
+        self.last = ""  # the job id swept last
+
+    def pick(self, job_ids: Collection[str]) -> set[str]:
+        if len(job_ids) <= self.per_pass:
+            return set(job_ids)
+        ids = sorted(job_ids)
+        start = bisect.bisect_right(ids, self.last)
+        chosen = (ids[start:] + ids[:start])[:self.per_pass]
+        self.last = chosen[-1]
+        return set(chosen)
+
+
+def observe_jobs(namespaces: Namespaces, paths: dict[str, Path], probes: Mapping[str, Collection[bytes]] | None = None,
+                 sweep: Collection[str] = ()) -> tuple[dict[str, JobNs], dict[str, dict[bytes, bytes]]]:
+    """Every job namespace file (by job id), from one worker thread, and the permanent neighbour entries on
+    the eth0 of those that have one (see `Observed.job_neigh`): all of them in the namespaces of `sweep`
+    (and in all when `probes` is None), elsewhere those among the addresses `probes` lists for the job (its
+    peers). A file that is not (any more) a network namespace is not usable; any other failure is raised."""
     out: dict[str, JobNs] = {}
-    for job_id, res in namespaces.run_in_each(paths, _inside_job).items():
+    neighs: dict[str, dict[bytes, bytes]] = {}
+
+    def inside(job_id: str, path: Path) -> tuple[JobNs, dict[bytes, bytes] | None]:
+        probe = None if probes is None or job_id in sweep else probes.get(job_id, ())
+        return _inside_job(job_id, path, probe)
+
+    for job_id, res in namespaces.run_in_each(paths, inside).items():
         if isinstance(res, (InvalidArgument, NotFound)) and res.op in ("open netns", "setns"):
             out[job_id] = JobNs(job_id, usable=False)
         elif isinstance(res, KernelError):
             raise res
         else:
-            out[job_id] = res
-    return out
+            out[job_id], neigh = res
+            if neigh is not None:
+                neighs[job_id] = neigh
+    return out, neighs
 
 
 def job_netns_files(netns_dir: Path) -> dict[str, Path]:
@@ -117,8 +157,11 @@ def job_netns_files(netns_dir: Path) -> dict[str, Path]:
     return out
 
 
-def observe(namespaces: Namespaces, netns_dir: Path) -> tuple[Observed, dict[str, int]]:
-    """The whole picture: `observe_node` plus every job namespace."""
+def observe(namespaces: Namespaces, netns_dir: Path, probes: Mapping[str, Collection[bytes]] | None = None,
+            sweep: Sweep | None = None) -> tuple[Observed, dict[str, int]]:
+    """The whole picture: `observe_node` plus every job namespace (neighbour entries as `observe_jobs`
+    reads them, in the namespaces `sweep` picks whole)."""
     obs, index = observe_node(namespaces.label)
-    obs.jobs = observe_jobs(namespaces, job_netns_files(netns_dir))
+    files = job_netns_files(netns_dir)
+    obs.jobs, obs.job_neigh = observe_jobs(namespaces, files, probes, sweep.pick(files) if sweep else ())
     return obs, index

@@ -5,7 +5,7 @@ and by the reconciler to keep its model current without reading the kernel).
 Step order, and why:
   1. DeleteJobNetwork, DeleteLink(job veth)  - jobs no longer wanted (or broken) go first: they free bridge
                                                ports; a stray veth must go before its job is made anew.
-  2. DeleteNeigh, DeleteFdb                  - stale entries on devices that stay (entries on devices that
+  2. DeleteNeigh, DeleteFdb, DeleteJobNeigh  - stale entries on devices that stay (entries on devices that
                                                go die with them).
   3. DeleteLink(vxlan), then DeleteLink(bridge) - groups gone, or malformed devices to recreate: a port
                                                before its master.
@@ -14,12 +14,18 @@ Step order, and why:
   6. AddFloodEntry, ReplaceFdb, ReplaceNeigh - need the vxlan device; peers are reachable before our jobs
                                                start.
   7. CreateJobNetwork / ConfigureJob         - need the bridge.
+  8. ReplaceJobNeigh                         - need the job's eth0 (made or configured anew in 7: that
+                                               flushes its entries, so such a job gets all of them).
 The creates are planned against the model as it will be after the deletes (`advance`), so whatever hangs
 off a recreated device (its entries, its ports' master) is planned anew.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
+import re
+import socket
 from dataclasses import dataclass, field, replace
 
 from nodeagent import names
@@ -44,11 +50,13 @@ from nodeagent.kernel.steps import (
     CreateJobNetwork,
     CreateVxlan,
     DeleteFdb,
+    DeleteJobNeigh,
     DeleteJobNetwork,
     DeleteLink,
     DeleteNeigh,
     JobNetSpec,
     ReplaceFdb,
+    ReplaceJobNeigh,
     ReplaceNeigh,
     SetLink,
     Step,
@@ -58,7 +66,8 @@ from nodeagent.kernel.steps import (
 
 
 def bridge_link(ifname: str, mtu: int) -> Link:
-    return Link(ifname, "bridge", mtu, True, "", bridge=BridgeAttrs(stp=False, forward_delay=0, mcast_snooping=False))
+    return Link(ifname, "bridge", mtu, True, "", bridge=BridgeAttrs(stp=False, forward_delay=0, mcast_snooping=False,
+                                                                    mcast_querier=False))
 
 
 def vxlan_link(ifname: str, vni: int, bridge: str, mtu: int, settings: NetSettings) -> Link:
@@ -78,7 +87,10 @@ def job_ns(spec: JobNetSpec) -> JobNs:
 
 FdbKey = tuple[str, str, str]
 NeighKey = tuple[str, str]
+PeerKey = tuple[str, bytes]  # (group, packed IP)
 HOST_VETH_PREFIX = names.host_veth("")
+MAC_RE = re.compile(r"[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}")
+NO_PEERS: dict[bytes, bytes] = {}
 
 
 @dataclass
@@ -93,6 +105,17 @@ class Wanted:
     veth_jobs: dict[str, str] = field(default_factory=dict)  # host veth name -> job id
     rejected: dict[str, str] = field(default_factory=dict)  # job id -> why it gets no network
     flood_refs: dict[FdbKey, int] = field(default_factory=dict)  # flood entry -> endpoints needing it
+    # The peers of each group, packed IP -> packed MAC: every local job of the group and every remote
+    # endpoint. Each job of the group wants a permanent neighbour entry on its eth0 for each of them but
+    # itself. Stored once per group (not per job: a group of N local jobs needs N*(N-1) entries).
+    peers: dict[str, dict[bytes, bytes]] = field(default_factory=dict)
+    group_jobs: dict[str, set[str]] = field(default_factory=dict)  # group -> local jobs with a network
+    job_group: dict[str, str] = field(default_factory=dict)  # job id -> group (jobs with a network)
+    job_ip: dict[str, bytes] = field(default_factory=dict)  # job id -> its own packed IP
+    # Who claims a peer address: "0<job id>" (a local job) or "1<job id>" (an endpoint) -> packed MAC. Two
+    # claims on one address (a job moving between nodes) resolve to the smallest claimant, a local job first.
+    claims: dict[PeerKey, dict[str, bytes]] = field(default_factory=dict)
+    bad_peers: dict[str, str] = field(default_factory=dict)  # claimant -> why it gets no neighbour entries
 
 
 @dataclass
@@ -102,7 +125,8 @@ class Keys:
     links: set[str] = field(default_factory=set)
     fdb: set[FdbKey] = field(default_factory=set)
     neigh: set[NeighKey] = field(default_factory=set)
-    jobs: set[str] = field(default_factory=set)
+    jobs: set[str] = field(default_factory=set)  # also: compare all of these jobs' neighbour entries
+    peers: set[PeerKey] = field(default_factory=set)  # compare this entry in every job of the group
 
 
 def job_spec(job: LocalJob, group: GroupSpec) -> JobNetSpec:
@@ -118,6 +142,47 @@ def usable_job_id(job_id: str) -> bool:
         c.isascii() and (c.isalnum() or c in "-_") for c in job_id)
 
 
+def packed_peer(ip: str, mac: str) -> tuple[bytes, bytes]:
+    """(4-byte IP, 6-byte MAC); ValueError when either is malformed."""
+    if not MAC_RE.fullmatch(mac):
+        raise ValueError(f"malformed MAC {mac!r}")
+    return ipaddress.IPv4Address(ip).packed, bytes.fromhex(mac.replace(":", ""))
+
+
+def _settle(w: Wanted, key: PeerKey, keys: Keys | None) -> None:
+    group, ip = key
+    claims = w.claims.get(key)
+    peers = w.peers.setdefault(group, {})
+    if claims:
+        peers[ip] = claims[min(claims)]
+    else:
+        peers.pop(ip, None)
+    if keys is not None:
+        keys.peers.add(key)
+
+
+def _claim(w: Wanted, group: str, claimant: str, ip: str, mac: str, keys: Keys | None) -> None:
+    try:
+        key_ip, key_mac = packed_peer(ip, mac)
+    except ValueError as e:
+        w.bad_peers[claimant] = f"peer {claimant[1:]} of group {group!r} ({ip} {mac}): {e}"
+        return
+    w.claims.setdefault((group, key_ip), {})[claimant] = key_mac
+    _settle(w, (group, key_ip), keys)
+
+
+def _unclaim(w: Wanted, group: str, claimant: str, ip: str, keys: Keys) -> None:
+    if w.bad_peers.pop(claimant, None) is not None:
+        return
+    key = (group, ipaddress.IPv4Address(ip).packed)
+    claims = w.claims.get(key)
+    if claims is None or claims.pop(claimant, None) is None:
+        return
+    if not claims:
+        del w.claims[key]
+    _settle(w, key, keys)
+
+
 def _add_job(w: Wanted, job: LocalJob, desired: DesiredState, keys: Keys | None) -> None:
     group = desired.groups.get(job.group)
     if group is None:
@@ -129,6 +194,11 @@ def _add_job(w: Wanted, job: LocalJob, desired: DesiredState, keys: Keys | None)
     w.jobs[job.id] = spec
     w.links[spec.host_ifname] = host_veth_link(spec)
     w.veth_jobs[spec.host_ifname] = job.id
+    w.job_group[job.id] = group.name
+    w.group_jobs.setdefault(group.name, set()).add(job.id)
+    with contextlib.suppress(ValueError):  # else its network cannot be made (CreateJobNetwork says why)
+        w.job_ip[job.id] = ipaddress.IPv4Address(job.ip).packed
+    _claim(w, group.name, "0" + job.id, job.ip, spec.mac, keys)
     if keys is not None:
         keys.jobs.add(job.id)
         keys.links.add(spec.host_ifname)
@@ -142,6 +212,10 @@ def _remove_job(w: Wanted, job_id: str, keys: Keys) -> None:
         w.links.pop(spec.host_ifname, None)
         w.veth_jobs.pop(spec.host_ifname, None)
         keys.links.add(spec.host_ifname)
+        group = w.job_group.pop(job_id)
+        w.group_jobs[group].discard(job_id)
+        w.job_ip.pop(job_id, None)
+        _unclaim(w, group, "0" + job_id, spec.ip, keys)
 
 
 def _endpoint_entries(ep: RemoteEndpoint, desired: DesiredState,
@@ -156,6 +230,8 @@ def _endpoint_entries(ep: RemoteEndpoint, desired: DesiredState,
 
 def _add_endpoint(w: Wanted, ep: RemoteEndpoint, desired: DesiredState, settings: NetSettings,
                   keys: Keys | None) -> None:
+    if ep.group in desired.groups:
+        _claim(w, ep.group, "1" + ep.job_id, ep.ip, ep.mac.lower(), keys)
     entries = _endpoint_entries(ep, desired, settings)
     if entries is None:
         return
@@ -172,6 +248,8 @@ def _add_endpoint(w: Wanted, ep: RemoteEndpoint, desired: DesiredState, settings
 
 def _remove_endpoint(w: Wanted, ep: RemoteEndpoint, prev: DesiredState, settings: NetSettings,
                      keys: Keys) -> None:
+    if ep.group in prev.groups:
+        _unclaim(w, ep.group, "1" + ep.job_id, ep.ip, keys)
     entries = _endpoint_entries(ep, prev, settings)
     if entries is None:
         return
@@ -193,7 +271,7 @@ def _remove_endpoint(w: Wanted, ep: RemoteEndpoint, prev: DesiredState, settings
 
 def wanted(desired: DesiredState, settings: NetSettings) -> Wanted:
     """Everything of ours that should exist. Jobs and endpoints whose group is not present here are left
-    out, and so are endpoints on our own underlay address."""
+    out, and so are the VXLAN entries of endpoints on our own underlay address."""
     w = Wanted()
     for g in desired.groups.values():
         br, vx = names.bridge(g.vni), names.vxlan(g.vni)
@@ -247,8 +325,11 @@ def plan_wanted(want: Wanted, observed: Observed, settings: NetSettings, keys: K
         keys = Keys(links=set(observed.links) | set(want.links), fdb=set(observed.fdb) | set(want.fdb),
                     neigh=set(observed.neigh) | set(want.neigh), jobs=set(observed.jobs) | set(want.jobs))
     deletes = _deletes(want, observed, keys)
-    after = observed.copy() if deletes else observed
-    for step in deletes:
+    # The creates are planned against the model after the deletes of whole objects. Deleted entries do not
+    # matter there: no create is planned for an entry that is not wanted.
+    structural = [s for s in deletes if isinstance(s, (DeleteJobNetwork, DeleteLink))]
+    after = observed.copy(deep=False) if structural else observed
+    for step in structural:
         advance(after, step, settings)
     return deletes + _creates(want, after, keys)
 
@@ -296,6 +377,7 @@ def _deletes(want: Wanted, observed: Observed, keys: Keys) -> list[Step]:
         n = observed.neigh.get(nkey)
         if n is not None and n.dev not in doomed and nkey not in want.neigh:
             entries.append(DeleteNeigh(n.dev, n.ip, n.mac))
+    entries += _job_neigh_deletes(want, observed, keys)
     return jobs + entries + others + vxlans + bridges
 
 
@@ -337,7 +419,76 @@ def _creates(want: Wanted, have: Observed, keys: Keys) -> list[Step]:
             jobs.append(ConfigureJob(spec, recreate_veth=True))
         elif host != host_veth_link(spec) or ns != job_ns(spec):
             jobs.append(ConfigureJob(spec, recreate_veth=False))
-    return bridges + vxlans + entries + jobs
+    # A job whose eth0 is made or configured in this plan has no neighbour entries afterwards (setting its
+    # MAC flushes even permanent ones): it gets them all.
+    fresh = {s.job.job_id for s in jobs if isinstance(s, (CreateJobNetwork, ConfigureJob))}
+    return bridges + vxlans + entries + jobs + _job_neigh_creates(want, have, keys, fresh)
+
+
+# -- neighbour entries in job namespaces -----------------------------------------------------------
+
+
+def _job_neigh_step(kind: type[ReplaceJobNeigh] | type[DeleteJobNeigh], job_id: str, ip: bytes,
+                    mac: bytes) -> ReplaceJobNeigh | DeleteJobNeigh:
+    return kind(job_id, names.job_netns(job_id), socket.inet_ntoa(ip), mac.hex(":"))
+
+
+def _in_sync(have: dict[bytes, bytes], peers: dict[bytes, bytes], own: bytes | None) -> bool:
+    """`have` is exactly `peers` without the job's own address (set operations in C: a full reconcile
+    checks every job of a 200-job group against its 199 peers)."""
+    return (len(have) == len(peers) - (own in peers) and own not in have
+            and have.items() <= peers.items())
+
+
+def _job_neigh_deletes(want: Wanted, observed: Observed, keys: Keys) -> list[Step]:
+    """Permanent entries no peer needs: in the jobs of `keys.jobs` all of them, elsewhere those of the
+    addresses in `keys.peers`. Jobs that go or have no eth0 lose their entries with it."""
+    out: list[Step] = []
+    for job_id in sorted(keys.jobs):
+        have = observed.job_neigh.get(job_id)
+        if not have or job_id not in want.jobs:
+            continue
+        peers, own = want.peers.get(want.job_group[job_id], NO_PEERS), want.job_ip.get(job_id)
+        if own in have or not have.keys() <= peers.keys():
+            out += [_job_neigh_step(DeleteJobNeigh, job_id, ip, mac) for ip, mac in sorted(have.items())
+                    if ip == own or ip not in peers]
+    for group, ip in sorted(keys.peers):
+        peers = want.peers.get(group, NO_PEERS)
+        for job_id in sorted(want.group_jobs.get(group, ())):
+            have = observed.job_neigh.get(job_id)
+            if job_id in keys.jobs or not have:
+                continue
+            mac = have.get(ip)
+            if mac is not None and (ip not in peers or ip == want.job_ip.get(job_id)):
+                out.append(_job_neigh_step(DeleteJobNeigh, job_id, ip, mac))
+    return out
+
+
+def _job_neigh_creates(want: Wanted, have_model: Observed, keys: Keys, fresh: set[str]) -> list[Step]:
+    """Missing or wrong (other MAC, not permanent) entries of the peers: in the jobs of `keys.jobs` all
+    of them, elsewhere those of the addresses in `keys.peers`."""
+    out: list[Step] = []
+    for job_id in sorted(keys.jobs):
+        if job_id not in want.jobs:
+            continue
+        have = NO_PEERS if job_id in fresh else have_model.job_neigh.get(job_id)
+        if have is None:
+            continue  # no eth0, and none made in this plan: nothing to put entries on
+        peers, own = want.peers.get(want.job_group[job_id], NO_PEERS), want.job_ip.get(job_id)
+        if not _in_sync(have, peers, own):
+            out += [_job_neigh_step(ReplaceJobNeigh, job_id, ip, mac) for ip, mac in sorted(peers.items())
+                    if ip != own and have.get(ip) != mac]
+    for group, ip in sorted(keys.peers):
+        mac = want.peers.get(group, NO_PEERS).get(ip)
+        if mac is None:
+            continue
+        for job_id in sorted(want.group_jobs.get(group, ())):
+            if job_id in keys.jobs or job_id in fresh or ip == want.job_ip.get(job_id):
+                continue
+            have = have_model.job_neigh.get(job_id)
+            if have is not None and have.get(ip) != mac:
+                out.append(_job_neigh_step(ReplaceJobNeigh, job_id, ip, mac))
+    return out
 
 
 # -- the model after a step ------------------------------------------------------------------------
@@ -348,6 +499,7 @@ def advance(model: Observed, step: Step, settings: NetSettings) -> None:
     match step:
         case DeleteJobNetwork(job_id=job_id, host_ifname=host):
             model.jobs.pop(job_id, None)
+            model.job_neigh.pop(job_id, None)
             model.links.pop(host, None)
         case DeleteLink(ifname=ifname):
             link = model.links.pop(ifname, None)
@@ -366,14 +518,23 @@ def advance(model: Observed, step: Step, settings: NetSettings) -> None:
                 job_id = ifname[len(HOST_VETH_PREFIX):]
                 ns = model.jobs.get(job_id)
                 if ns is not None and names.host_veth(job_id) == ifname:
-                    model.jobs[job_id] = replace(ns, eth0=None)  # the peer died with it
+                    model.jobs[job_id] = replace(ns, eth0=None)  # the peer died with it, and its entries
+                    model.job_neigh.pop(job_id, None)
         case DeleteFdb(dev=dev, mac=mac, dst=dst):
-            e = FdbEntry(dev, mac, dst)
-            if model.fdb.get(fdb_key(e)) == e:
-                del model.fdb[fdb_key(e)]
+            key = fdb_key(FdbEntry(dev, mac, dst))
+            e = model.fdb.get(key)
+            if e is not None and (e.mac, e.dst) == (mac, dst):
+                del model.fdb[key]
         case DeleteNeigh(dev=dev, ip=ip, mac=mac):
-            if model.neigh.get((dev, ip)) == NeighEntry(dev, ip, mac):
+            n = model.neigh.get((dev, ip))
+            if n is not None and n.mac == mac:
                 del model.neigh[(dev, ip)]
+        case DeleteJobNeigh(job_id=job_id, ip=ip):
+            have = model.job_neigh.get(job_id)
+            if have is not None:
+                have.pop(socket.inet_aton(ip), None)
+        case ReplaceJobNeigh(job_id=job_id, ip=ip, mac=mac):
+            model.job_neigh.setdefault(job_id, {})[socket.inet_aton(ip)] = bytes.fromhex(mac.replace(":", ""))
         case CreateBridge(ifname=ifname, mtu=mtu):
             model.links[ifname] = bridge_link(ifname, mtu)
         case CreateVxlan(ifname=ifname, vni=vni, bridge=bridge, mtu=mtu):
@@ -391,4 +552,5 @@ def advance(model: Observed, step: Step, settings: NetSettings) -> None:
             model.neigh[(dev, ip)] = NeighEntry(dev, ip, mac)
         case CreateJobNetwork(job=spec) | ConfigureJob(job=spec):
             model.jobs[spec.job_id] = job_ns(spec)
+            model.job_neigh[spec.job_id] = {}  # a new eth0, or one whose MAC was set: no entries
             model.links[spec.host_ifname] = host_veth_link(spec)

@@ -20,13 +20,13 @@ from pathlib import Path
 
 from nodeagent import names
 from nodeagent.desired import DesiredState
-from nodeagent.kernel.apply import ENTRY_STEPS, Applier
+from nodeagent.kernel.apply import ENTRY_STEPS, JOB_NEIGH_STEPS, Applier
 from nodeagent.kernel.errors import DependencyFailed, ReconcileError, StepFailed
 from nodeagent.kernel.model import NetSettings, Observed
 from nodeagent.kernel.namespaces import Namespaces
 from nodeagent.kernel.netlink import Netlink
-from nodeagent.kernel.observe import observe
-from nodeagent.kernel.plan import Wanted, advance, plan_wanted, update_wanted, wanted
+from nodeagent.kernel.observe import Sweep, observe
+from nodeagent.kernel.plan import NO_PEERS, Wanted, advance, plan_wanted, update_wanted, wanted
 from nodeagent.kernel.steps import (
     AddFloodEntry,
     ConfigureJob,
@@ -36,6 +36,7 @@ from nodeagent.kernel.steps import (
     DeleteFdb,
     DeleteNeigh,
     ReplaceFdb,
+    ReplaceJobNeigh,
     ReplaceNeigh,
     SetLink,
     Step,
@@ -47,7 +48,7 @@ log = logging.getLogger("jobnet.agent.kernel")
 
 
 def _needs(step: Step) -> tuple[str, ...]:
-    """The devices (made by earlier steps of the same pass) a step needs."""
+    """The devices and job namespaces (made by earlier steps of the same pass) a step needs."""
     match step:
         case CreateVxlan(bridge=bridge):
             return (bridge,)
@@ -58,15 +59,25 @@ def _needs(step: Step) -> tuple[str, ...]:
             return (dev,)
         case CreateJobNetwork(job=spec) | ConfigureJob(job=spec):
             return (spec.bridge,)
+        case ReplaceJobNeigh(netns=netns):
+            return (netns,)
     return ()
 
 
 def _makes(step: Step) -> str:
-    """The device a step makes (that later steps may need)."""
+    """The device or job namespace (with its eth0) a step makes (that later steps may need)."""
     match step:
         case CreateBridge(ifname=ifname) | CreateVxlan(ifname=ifname):
             return ifname
+        case CreateJobNetwork(job=spec) | ConfigureJob(job=spec):
+            return spec.netns
     return ""
+
+
+def _batch(step: Step) -> int:
+    """Steps of the same batch kind in a row are applied together: 1 entries on our VXLAN devices, 2
+    neighbour entries in job namespaces; 0: one by one."""
+    return 1 if isinstance(step, ENTRY_STEPS) else 2 if isinstance(step, JOB_NEIGH_STEPS) else 0
 
 
 class NetworkReconciler:
@@ -87,6 +98,7 @@ class NetworkReconciler:
         self._model: Observed | None = None
         self._want: Wanted | None = None
         self._desired: DesiredState | None = None  # the state `_want` was made for
+        self._sweep = Sweep(settings.neigh_sweep)
 
     def job_netns_path(self, job_id: str) -> Path:
         return self.settings.netns_dir / names.job_netns(job_id)
@@ -99,12 +111,17 @@ class NetworkReconciler:
             self._ns.close()
 
     def observed(self) -> Observed:
-        """A copy of the current model (observing the kernel if there is none)."""
-        return self._observe().copy() if self._model is None else self._model.copy()
+        """A copy of the current model (observing the kernel if there is none: every job's whole neighbour
+        table then)."""
+        return self._observe(None).copy() if self._model is None else self._model.copy()
 
-    def _observe(self) -> Observed:
+    def _observe(self, want: Wanted | None) -> Observed:
+        """Observe the kernel anew. Job neighbour entries: the whole table of the namespaces the sweep
+        picks, elsewhere the entries of the job's peers in `want` (all of every table when `want` is None)."""
         self._model = None  # should observing fail, the next reconcile tries again
-        obs, index = observe(self._ns, self.settings.netns_dir)
+        probes = None if want is None else {job_id: want.peers.get(group, NO_PEERS)
+                                            for job_id, group in want.job_group.items()}
+        obs, index = observe(self._ns, self.settings.netns_dir, probes, self._sweep)
         self._applier.reset_index(index)
         self._model = obs
         return obs
@@ -114,7 +131,7 @@ class NetworkReconciler:
         failed step with its typed cause, and the steps that were applied) when some steps failed."""
         if os.stat("/proc/thread-self/ns/net").st_ino != self._netns_ino:
             raise RuntimeError(f"reconcile called from another network namespace than {self._label}")
-        model = self._observe() if full or self._model is None else self._model
+        full = full or self._model is None
         keys = None
         if not full and self._want is not None and self._desired is not None:
             keys = update_wanted(self._want, self._desired, desired, self.settings)
@@ -122,9 +139,13 @@ class NetworkReconciler:
             self._want = wanted(desired, self.settings)
         assert self._want is not None
         self._desired = desired
+        model = self._observe(self._want) if full else self._model
+        assert model is not None
         for job_id, why in self._want.rejected.items():
             if keys is None or job_id in keys.jobs:
                 log.error("job %s gets no network: %s", job_id, why)
+        for why in self._want.bad_peers.values():
+            log.error("no neighbour entries for %s", why)  # (each reconcile: rare, and a controller bug)
         steps = plan_wanted(self._want, model, self.settings, keys)
         applied: list[Step] = []
         failures: list[StepFailed] = []
@@ -145,28 +166,32 @@ class NetworkReconciler:
         i = 0
         while i < len(steps):
             # FDB / neighbour entries in a row go to the kernel in batches; everything else one by one.
+            kind = _batch(steps[i])
             end = i + 1
-            if isinstance(steps[i], ENTRY_STEPS):
-                while end < len(steps) and isinstance(steps[end], ENTRY_STEPS):
+            if kind:
+                while end < len(steps) and _batch(steps[end]) == kind:
                     end += 1
             todo: list[Step] = []
             for step in steps[i:end]:
                 missing = [d for d in _needs(step) if d in broken]
                 if missing:
                     failures.append(StepFailed(step, DependencyFailed(f"{', '.join(missing)} could not be made")))
+                    if _makes(step):
+                        broken.add(_makes(step))
                 else:
                     todo.append(step)
             i = end
-            if len(todo) == 1 and not isinstance(todo[0], ENTRY_STEPS):
+            if todo and not kind:
+                (step,) = todo
                 try:
-                    self._applier.apply(todo[0])
+                    self._applier.apply(step)
                 except Exception as e:
-                    done(todo[0], e)
+                    done(step, e)
                 else:
-                    done(todo[0], None)
+                    done(step, None)
             elif todo:
                 try:
-                    outcomes = self._applier.apply_entries(todo)
+                    outcomes = (self._applier.apply_entries if kind == 1 else self._applier.apply_job_neigh)(todo)
                 except Exception as e:
                     outcomes = [e] * len(todo)
                 for step, outcome in zip(todo, outcomes, strict=True):

@@ -96,6 +96,27 @@ class ReplaceNeigh:
 
 
 @dataclass(frozen=True)
+class ReplaceJobNeigh:
+    """A permanent neighbour entry `ip -> mac` on eth0 in a job's namespace `netns`: a peer of its group
+    (another local job, or a remote endpoint). The job never has to ARP for it."""
+
+    job_id: str
+    netns: str
+    ip: str
+    mac: str
+
+
+@dataclass(frozen=True)
+class DeleteJobNeigh:
+    """A permanent neighbour entry on eth0 in a job's namespace that no peer needs any more."""
+
+    job_id: str
+    netns: str
+    ip: str
+    mac: str
+
+
+@dataclass(frozen=True)
 class CreateJobNetwork:
     job: JobNetSpec
 
@@ -108,5 +129,6 @@ class ConfigureJob:
     recreate_veth: bool
 
 
-Step = (DeleteJobNetwork | DeleteLink | DeleteNeigh | DeleteFdb | CreateBridge
-        | CreateVxlan | SetLink | AddFloodEntry | ReplaceFdb | ReplaceNeigh | CreateJobNetwork | ConfigureJob)
+Step = (DeleteJobNetwork | DeleteLink | DeleteNeigh | DeleteFdb | DeleteJobNeigh | CreateBridge
+        | CreateVxlan | SetLink | AddFloodEntry | ReplaceFdb | ReplaceNeigh | CreateJobNetwork | ConfigureJob
+        | ReplaceJobNeigh)

@@ -3,6 +3,7 @@ plan (desired diff) always equals the full plan. No root needed: the model is ad
 
 from __future__ import annotations
 
+import ipaddress
 import random
 from dataclasses import replace
 from pathlib import Path
@@ -17,10 +18,12 @@ from nodeagent.kernel.steps import (
     CreateJobNetwork,
     CreateVxlan,
     DeleteFdb,
+    DeleteJobNeigh,
     DeleteJobNetwork,
     DeleteLink,
     DeleteNeigh,
     ReplaceFdb,
+    ReplaceJobNeigh,
     ReplaceNeigh,
     SetLink,
     Step,
@@ -183,9 +186,18 @@ def test_incremental_plan_equals_full_plan() -> None:
     converge(prev, model)
     want = wanted(prev, S)
     for rev in range(60):
+        def vary(e: RemoteEndpoint) -> RemoteEndpoint:
+            r = rng.random()
+            if r < 0.15:  # moved to another node
+                return replace(e, underlay_ip=f"198.18.0.{rng.choice([2, 3, 4])}")
+            if r < 0.25:  # another MAC
+                return replace(e, mac=f"02:00:00:02:00:{rng.randrange(256):02x}")
+            if r < 0.35:  # the address of a job (of its group or not): two claims on one address
+                return replace(e, ip=rng.choice(jobs).ip)
+            return e
+
         cur = state([GA, GB], rng.sample(jobs, rng.randint(0, 12)),
-                    [replace(e, underlay_ip=f"198.18.0.{rng.choice([2, 3, 4])}") if rng.random() < 0.2 else e
-                     for e in rng.sample(eps, rng.randint(0, 15))], rev)
+                    [vary(e) for e in rng.sample(eps, rng.randint(0, 15))], rev)
         keys = update_wanted(want, prev, cur, S)
         assert keys is not None
         incremental = plan_wanted(want, model, S, keys)
@@ -204,3 +216,100 @@ def test_job_id_that_cannot_name_kernel_objects_is_rejected_not_truncated() -> N
     w = wanted(state([GA], [bad, long, job(3)], []), S)
     assert set(w.rejected) == {bad.id, long.id}
     assert set(w.jobs) == {job(3).id}
+
+
+# -- permanent neighbour entries in job namespaces -------------------------------------------------
+
+
+def jn(job_id: str, peer: LocalJob | RemoteEndpoint, kind: type = ReplaceJobNeigh) -> Step:
+    return kind(job_id, f"jnj-{job_id}", peer.ip, peer.mac)  # type: ignore[no-any-return]
+
+
+def test_every_job_gets_a_permanent_entry_for_every_peer_after_its_network() -> None:
+    d = state([GA, GB], [job(1), job(2), job(3, GB)], [ep(1, 2), ep(2, 3, GB), ep(3, 1)])  # ep(3, 1): our underlay
+    model = Observed()
+    steps = converge(d, model)
+    got = {s for s in steps if isinstance(s, ReplaceJobNeigh)}
+    assert got == {jn(job(1).id, job(2)), jn(job(1).id, ep(1, 2)), jn(job(1).id, ep(3, 1)),
+                   jn(job(2).id, job(1)), jn(job(2).id, ep(1, 2)), jn(job(2).id, ep(3, 1)),
+                   jn(job(3, GB).id, ep(2, 3, GB))}
+    kinds = [type(s) for s in steps]
+    assert kinds.index(ReplaceJobNeigh) > max(i for i, k in enumerate(kinds) if k is CreateJobNetwork)
+    assert plan(d, model, S) == []
+
+
+def test_a_peer_that_comes_or_goes_costs_one_entry_per_job_of_its_group() -> None:
+    n = 30
+    jobs = [job(i) for i in range(1, n)]
+    model = Observed()
+    want = wanted(state([GA], jobs, [ep(1, 2)]), S)
+    converge(state([GA], jobs, [ep(1, 2)]), model)
+    prev = state([GA], jobs, [ep(1, 2)])
+    # the n-th local job: its network, its n peers (n-1 local, 1 remote), and its entry in the n-1 others
+    cur = state([GA], [*jobs, job(n)], [ep(1, 2)], 2)
+    keys = update_wanted(want, prev, cur, S)
+    assert keys is not None
+    steps = plan_wanted(want, model, S, keys)
+    assert [type(s) for s in steps] == [CreateJobNetwork] + [ReplaceJobNeigh] * (2 * n - 1)
+    assert {s for s in steps if isinstance(s, ReplaceJobNeigh) and s.job_id != job(n).id} == {
+        jn(j.id, job(n)) for j in jobs}
+    for s in steps:
+        advance(model, s, S)
+    assert plan(cur, model, S) == []
+    # a remote peer leaves: one delete per local job; nothing else
+    prev, cur = cur, state([GA], [*jobs, job(n)], [], 3)
+    keys = update_wanted(want, prev, cur, S)
+    assert keys is not None
+    steps = plan_wanted(want, model, S, keys)
+    gone = [jn(j.id, ep(1, 2), DeleteJobNeigh) for j in [*jobs, job(n)]]
+    assert sorted(map(repr, steps)) == sorted(repr(s) for s in [
+        DeleteFdb("jnx100", "00:00:00:00:00:00", "198.18.0.2"), DeleteFdb("jnx100", ep(1, 2).mac, "198.18.0.2"),
+        DeleteNeigh("jnx100", ep(1, 2).ip, ep(1, 2).mac), *gone])
+
+
+def test_drifted_job_entries_are_repaired_and_strangers_removed() -> None:
+    d = state([GA], [job(1), job(2)], [ep(1, 2)])
+    model = Observed()
+    converge(d, model)
+    have = model.job_neigh[job(1).id]
+    ip = lambda x: ipaddress.IPv4Address(x).packed  # noqa: E731
+    del have[ip(job(2).ip)]  # deleted by hand, or not permanent any more (observe keeps only permanent ones)
+    have[ip(ep(1, 2).ip)] = bytes(6)  # another MAC
+    have[ip("10.40.0.250")] = bytes(6)  # a permanent entry no peer needs
+    have[ip(job(1).ip)] = bytes(6)  # one for its own address
+    steps = plan(d, model, S)
+    assert sorted(map(repr, steps)) == sorted(map(repr, [
+        jn(job(1).id, job(2)), jn(job(1).id, ep(1, 2)),
+        DeleteJobNeigh(job(1).id, f"jnj-{job(1).id}", "10.40.0.250", "00:00:00:00:00:00"),
+        DeleteJobNeigh(job(1).id, f"jnj-{job(1).id}", job(1).ip, "00:00:00:00:00:00")]))
+    for s in steps:
+        advance(model, s, S)
+    assert plan(d, model, S) == []
+    # a job whose eth0 is configured anew (here: its default route was gone) gets all its entries again
+    eth0 = model.jobs[job(2).id].eth0
+    assert eth0 is not None
+    model.jobs[job(2).id] = replace(model.jobs[job(2).id], eth0=replace(eth0, gateway=""))
+    steps = plan(d, model, S)
+    assert [type(s) for s in steps] == [ConfigureJob, ReplaceJobNeigh, ReplaceJobNeigh]
+
+
+def test_two_claims_on_one_address_resolve_to_the_local_job_then_the_endpoint() -> None:
+    moving = replace(ep(7, 2), ip=job(2).ip, mac="02:00:00:09:09:09")  # job 2, still listed on node 2
+    d1 = state([GA], [job(1), job(2)], [moving])
+    model = Observed()
+    converge(d1, model)
+    assert model.job_neigh[job(1).id][ipaddress.IPv4Address(job(2).ip).packed] == bytes.fromhex(
+        job(2).mac.replace(":", ""))
+    want = wanted(d1, S)
+    d2 = state([GA], [job(1)], [moving], 2)  # the local one goes: the endpoint's MAC takes over
+    keys = update_wanted(want, d1, d2, S)
+    assert keys is not None
+    steps = plan_wanted(want, model, S, keys)
+    assert jn(job(1).id, moving) in steps and sorted(map(repr, steps)) == sorted(map(repr, plan(d2, model, S)))
+
+
+def test_malformed_peer_gets_no_entries_and_is_reported() -> None:
+    bad = replace(ep(1, 2), mac="02:zz:00:00:00:01")
+    w = wanted(state([GA], [job(1)], [bad, ep(2, 2)]), S)
+    assert set(w.bad_peers) == {"1" + bad.job_id} and "02:zz" in w.bad_peers["1" + bad.job_id]
+    assert [ipaddress.IPv4Address(x).packed for x in (job(1).ip, ep(2, 2).ip)] == sorted(w.peers["a"])

@@ -3,21 +3,36 @@ on n1 only. Checked with `ip -j` / `bridge -j` / `nsenter` as the oracle, and wi
 
 from __future__ import annotations
 
+import ctypes
 import json
+import os
+import socket
+import threading
 import time
-from typing import Any
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
 
 from nodeagent.desired import DesiredState
 from nodeagent.kernel.errors import DependencyFailed, NotFound, ReconcileError
-from nodeagent.kernel.steps import ConfigureJob, CreateVxlan, DeleteJobNetwork, ReplaceFdb, ReplaceNeigh
+from nodeagent.kernel.steps import (
+    ConfigureJob,
+    CreateVxlan,
+    DeleteJobNeigh,
+    DeleteJobNetwork,
+    ReplaceFdb,
+    ReplaceJobNeigh,
+    ReplaceNeigh,
+)
 
-from .conftest import Node, World, sh
+from .conftest import CLONE_NEWNET, Node, World, _libc, sh
 
 pytestmark = pytest.mark.root
 
 ZERO = "00:00:00:00:00:00"
+T = TypeVar("T")
 
 
 def populate(w: World) -> dict[str, Any]:
@@ -52,6 +67,18 @@ def neigh(node: Node, dev: str) -> set[tuple[str, str]]:
     return {(n["dst"], n["lladdr"]) for n in node.ip("neigh", "show", "dev", dev)}
 
 
+def job_neigh(node: Node, job_id: str) -> dict[str, tuple[str, list[str]]]:
+    """The neighbour entries on eth0 in a job's namespace: ip -> (mac, states)."""
+    out = json.loads(node.in_job(job_id, "ip", "-j", "-4", "neigh", "show", "dev", "eth0").stdout or "[]")
+    return {n["dst"]: (n.get("lladdr", ""), n["state"]) for n in out}
+
+
+def peers_of(w: World, job: Any) -> dict[str, tuple[str, list[str]]]:
+    """What a job should have on eth0: a permanent entry for every other job of its group, on any node."""
+    return {p.ip: (p.mac, ["PERMANENT"]) for n in w.nodes.values() for g, p in n.jobs.values()
+            if g == job.group and p.id != job.id}
+
+
 def ping(node: Node, job_id: str, ip: str) -> bool:
     return node.in_job(job_id, "ping", "-c1", "-W1", "-q", ip).returncode == 0
 
@@ -77,7 +104,7 @@ def test_two_nodes_converge_with_the_right_devices_entries_and_job_networks(worl
             assert br["mtu"] == mtu and "UP" in br["flags"] and not node.ip("addr", "show", "dev", f"jnb{vni}")[0][
                 "addr_info"]
             bi = br["linkinfo"]["info_data"]
-            assert (bi["stp_state"], bi["forward_delay"], bi["mcast_snooping"]) == (0, 0, 0)
+            assert (bi["stp_state"], bi["forward_delay"], bi["mcast_snooping"], bi["mcast_querier"]) == (0, 0, 0, 0)
             vi = vx["linkinfo"]["info_data"]
             assert vx["mtu"] == mtu and vx["master"] == f"jnb{vni}" and "UP" in vx["flags"]
             assert vi["id"] == vni and vi["port"] == 4789 and vi["local"] == node.underlay_ip
@@ -111,6 +138,15 @@ def test_two_nodes_converge_with_the_right_devices_entries_and_job_networks(worl
                          "/proc/sys/net/ipv6/conf/default/disable_ipv6", "/proc/sys/net/ipv6/conf/eth0/disable_ipv6")
         assert v6.stdout.split() == ["1", "1", "1"]
 
+    # Every job has a permanent neighbour entry for every other job of its group: local (a2 <-> a3 on n2)
+    # and remote ones; c1 is alone in its group.
+    for node in (n1, n2):
+        for _, job in node.jobs.values():
+            assert job_neigh(node, job.id) == peers_of(world, job), job
+    assert job_neigh(n2, j["a2"].id) == {j["a1"].ip: (j["a1"].mac, ["PERMANENT"]),
+                                         j["a3"].ip: (j["a3"].mac, ["PERMANENT"])}
+    assert job_neigh(n1, j["c1"].id) == {}
+
     # Traffic: within a group across nodes (both ways, and a third job); never across groups.
     assert ping_ok(n1, j["a1"].id, j["a2"].ip)
     assert ping_ok(n2, j["a3"].id, j["a1"].ip)
@@ -140,7 +176,13 @@ def test_full_reconcile_repairs_drift(world: World) -> None:
     assert sorted(map(type, steps["n1"]), key=str) == [ReplaceFdb, ReplaceNeigh]
     assert sorted((type(s), s.job.job_id, s.recreate_veth) for s in steps["n2"] if isinstance(s, ConfigureJob)) == \
         sorted([(ConfigureJob, j["a2"].id, True), (ConfigureJob, j["a3"].id, False)])
-    assert len(steps["n2"]) == 2
+    # A job network made or configured anew has no neighbour entries (setting eth0's MAC flushes even the
+    # permanent ones): both get all of their peers again.
+    assert {(s.job_id, s.ip, s.mac) for s in steps["n2"] if isinstance(s, ReplaceJobNeigh)} == {
+        (j[a].id, j[b].ip, j[b].mac) for a, b in (("a2", "a1"), ("a2", "a3"), ("a3", "a1"), ("a3", "a2"))}
+    assert len(steps["n2"]) == 6
+    assert job_neigh(n2, j["a3"].id) == {j["a1"].ip: (j["a1"].mac, ["PERMANENT"]),
+                                         j["a2"].ip: (j["a2"].mac, ["PERMANENT"])}
     assert (j["a2"].mac, "198.18.0.2") in fdb(n1, "jnx100")
     assert (j["a2"].ip, j["a2"].mac) in neigh(n1, "jnx100")
     assert ping_ok(n1, j["a1"].id, j["a2"].ip)
@@ -170,7 +212,9 @@ def test_removals_leave_nothing_behind_and_foreign_objects_untouched(world: Worl
     # A job leaves n2: its namespace and veth go there; n1 drops its entries (a3 still keeps the flood entry).
     del n2.jobs[j["a2"].id]
     steps = world.reconcile_all()
-    assert steps["n2"] == [DeleteJobNetwork(j["a2"].id, f"jnj-{j['a2'].id}", f"jnv{j['a2'].id}")]
+    assert steps["n2"] == [DeleteJobNetwork(j["a2"].id, f"jnj-{j['a2'].id}", f"jnv{j['a2'].id}"),
+                           DeleteJobNeigh(j["a3"].id, f"jnj-{j['a3'].id}", j["a2"].ip, j["a2"].mac)]
+    assert DeleteJobNeigh(j["a1"].id, f"jnj-{j['a1'].id}", j["a2"].ip, j["a2"].mac) in steps["n1"]
     assert not n2.job_ns(j["a2"].id).exists()
     assert wait_gone(n2, f"jnv{j['a2'].id}")
     assert fdb(n1, "jnx100") == {(ZERO, "198.18.0.2"), (j["a3"].mac, "198.18.0.2")}
@@ -264,9 +308,11 @@ def test_namespace_pinned_by_a_process_loses_its_veth_on_the_next_full_reconcile
         assert link(n1, f"jnv{j['a1'].id}") is not None  # the namespace lives on in the process
         steps = n1.reconcile(world.desired("n1"), full=True)
         assert [type(s).__name__ for s in steps] == ["DeleteLink"] and link(n1, f"jnv{j['a1'].id}") is None
-        # the job comes back (same id): made anew, although the old namespace still exists
+        # the job comes back (same id): made anew, although the old namespace still exists; it gets its
+        # peers (a2, a3 remote, a4 local), a4 gets it
         n1.jobs[j["a1"].id] = ("a", j["a1"])
-        assert [type(s).__name__ for s in n1.reconcile(world.desired("n1"))] == ["CreateJobNetwork"]
+        assert [type(s).__name__ for s in n1.reconcile(world.desired("n1"))] == ["CreateJobNetwork"] + [
+            "ReplaceJobNeigh"] * 4
         assert n1.reconcile(world.desired("n1"), full=True) == []
     finally:
         sleeper.kill()
@@ -298,7 +344,8 @@ def test_namespace_files_that_are_no_namespaces_are_replaced_or_removed(world: W
     sh("umount", str(n1.job_ns(j["a1"].id)))
     (n1.netns_dir / "jnj-0000dead00").write_text("")  # a job this node no longer has
     steps = n1.reconcile(world.desired("n1"), full=True)
-    assert [type(s).__name__ for s in steps] == ["DeleteJobNetwork", "DeleteJobNetwork", "CreateJobNetwork"]
+    assert [type(s).__name__ for s in steps] == ["DeleteJobNetwork", "DeleteJobNetwork", "CreateJobNetwork",
+                                                 "ReplaceJobNeigh", "ReplaceJobNeigh"]  # a1's peers: a2, a3
     assert not (n1.netns_dir / "jnj-0000dead00").exists()
     assert n1.reconcile(world.desired("n1"), full=True) == []
     addrs = json.loads(n1.in_job(j["a1"].id, "ip", "-j", "addr", "show", "eth0").stdout)
@@ -313,3 +360,204 @@ def test_a_restarted_reconciler_adopts_what_is_there(world: World) -> None:
         node.start()
     assert world.reconcile_all() == {"n1": [], "n2": []}  # its first reconcile observes the kernel
     assert ping_ok(world.nodes["n1"], j["a1"].id, j["a3"].ip)
+
+
+@pytest.mark.parametrize("sweep", [8, 1])
+def test_job_neighbour_entries_follow_the_peers_and_are_repaired(world: World, sweep: int) -> None:
+    """sweep 8: every full reconcile reads every job's whole neighbour table (dumps); sweep 1: one job's
+    per full reconcile, the others' entries of their peers one by one (lookups)."""
+    for node in world.nodes.values():
+        node.stop()
+        node.start(neigh_sweep=sweep)
+    j = populate(world)
+    n1, n2 = world.nodes["n1"], world.nodes["n2"]
+    world.reconcile_all(full=True)
+    a1, a2, a3 = j["a1"], j["a2"], j["a3"]
+
+    def entries(steps: list[Any], kind: type) -> set[tuple[str, str, str]]:
+        return {(s.job_id, s.ip, s.mac) for s in steps if isinstance(s, kind)}
+
+    def all_in_sync() -> None:
+        for node in (n1, n2):
+            for _, job in node.jobs.values():
+                assert job_neigh(node, job.id) == peers_of(world, job), job
+
+    # Peers appear, one on each node: the new jobs get all their peers, the others get the new jobs.
+    a4, a5 = world.add_job("n1", "a", 4), world.add_job("n2", "a", 5)
+    steps = world.reconcile_all()
+    assert entries(steps["n1"], ReplaceJobNeigh) == {(a1.id, a4.ip, a4.mac), (a1.id, a5.ip, a5.mac)} | {
+        (a4.id, p.ip, p.mac) for p in (a1, a2, a3, a5)}
+    assert entries(steps["n2"], ReplaceJobNeigh) == {(x.id, p.ip, p.mac) for x in (a2, a3) for p in (a4, a5)} | {
+        (a5.id, p.ip, p.mac) for p in (a1, a2, a3, a4)}
+    all_in_sync()
+
+    # A peer goes: its entry goes from every job of the group, on both nodes.
+    del n2.jobs[a5.id]
+    steps = world.reconcile_all()
+    assert entries(steps["n1"], DeleteJobNeigh) == {(x.id, a5.ip, a5.mac) for x in (a1, a4)}
+    assert entries(steps["n2"], DeleteJobNeigh) == {(x.id, a5.ip, a5.mac) for x in (a2, a3)}
+    all_in_sync()
+    assert world.reconcile_all(full=True) == {"n1": [], "n2": []}
+
+    # Drift by hand in a1's namespace: a peer's entry deleted, one made REACHABLE (same MAC), one given
+    # another MAC, a permanent entry no peer needs; a kernel-made (STALE) entry of a non-peer stays. In a2's:
+    # a peer's entry STALE. On n1's VXLAN device: a neighbour entry REACHABLE, an FDB entry dynamic.
+    def in_a1(*cmd: str) -> None:
+        assert n1.in_job(a1.id, "ip", *cmd).returncode == 0, cmd
+
+    in_a1("neigh", "del", a2.ip, "dev", "eth0")
+    in_a1("neigh", "change", a3.ip, "lladdr", a3.mac, "dev", "eth0", "nud", "reachable")
+    in_a1("neigh", "replace", a4.ip, "lladdr", "02:00:00:00:ee:ee", "dev", "eth0", "nud", "permanent")
+    in_a1("neigh", "add", "10.40.0.250", "lladdr", "02:00:00:00:ee:01", "dev", "eth0", "nud", "permanent")
+    in_a1("neigh", "add", "10.40.0.1", "lladdr", "02:00:00:00:ee:02", "dev", "eth0", "nud", "stale")
+    assert n2.in_job(a2.id, "ip", "neigh", "change", a3.ip, "lladdr", a3.mac, "dev", "eth0", "nud",
+                     "stale").returncode == 0
+    sh("ip", "-n", n1.netns, "neigh", "change", a2.ip, "lladdr", a2.mac, "dev", "jnx100", "nud", "reachable")
+    sh("bridge", "-n", n1.netns, "fdb", "replace", a3.mac, "dev", "jnx100", "dst", "198.18.0.2", "dynamic")
+    assert job_neigh(n1, a1.id)[a3.ip] == (a3.mac, ["REACHABLE"])
+    assert job_neigh(n2, a2.id)[a3.ip] == (a3.mac, ["STALE"])
+
+    assert world.reconcile_all() == {"n1": [], "n2": []}  # an incremental reconcile trusts its model
+    steps = world.reconcile_all(full=True)
+    stray = DeleteJobNeigh(a1.id, f"jnj-{a1.id}", "10.40.0.250", "02:00:00:00:ee:01")
+    assert set(steps["n1"]) - {stray} == {
+        ReplaceJobNeigh(a1.id, f"jnj-{a1.id}", a2.ip, a2.mac),
+        ReplaceJobNeigh(a1.id, f"jnj-{a1.id}", a3.ip, a3.mac),
+        ReplaceJobNeigh(a1.id, f"jnj-{a1.id}", a4.ip, a4.mac),
+        ReplaceNeigh("jnx100", a2.ip, a2.mac), ReplaceFdb("jnx100", a3.mac, "198.18.0.2")}
+    assert len(steps["n1"]) == len(set(steps["n1"]))
+    assert steps["n2"] == [ReplaceJobNeigh(a2.id, f"jnj-{a2.id}", a3.ip, a3.mac)]
+    # A stray entry (no peer's address) shows only in a whole table: found once the sweep reaches a1.
+    rounds, found = 1, stray in steps["n1"]
+    while not found:
+        rounds += 1
+        more = n1.reconcile(world.desired("n1"), full=True)
+        assert more in ([], [stray]), more
+        found = more == [stray]
+    assert rounds == 1 if sweep >= len(n1.jobs) else rounds <= len(n1.jobs)
+    assert job_neigh(n1, a1.id) == {**peers_of(world, a1), "10.40.0.1": ("02:00:00:00:ee:02", ["STALE"])}
+    assert job_neigh(n2, a2.id) == peers_of(world, a2)
+    assert all("PERMANENT" in n["state"] for n in n1.ip("neigh", "show", "dev", "jnx100"))
+    assert (a3.mac, "198.18.0.2") in fdb(n1, "jnx100")  # fdb() asserts every entry with a dst is permanent
+    assert world.reconcile_all(full=True) == {"n1": [], "n2": []}
+    assert ping(n1, a1.id, a3.ip) and ping(n1, a1.id, a4.ip)
+
+
+ETH_P_ALL, ETH_P_ARP, PACKET_OUTGOING = 0x0003, 0x0806, 4
+IGMP_ALL_HOSTS = "010000E0"  # 224.0.0.1 as /proc/net/igmp prints it
+
+
+def in_netns(path: Path, fn: Callable[[], T]) -> T:
+    """`fn()` in a thread that enters the network namespace at `path` (and ends there)."""
+    out: list[T] = []
+    failed: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if _libc.setns(fd, CLONE_NEWNET) != 0:
+                    raise OSError(ctypes.get_errno(), f"setns {path}")
+            finally:
+                os.close(fd)
+            out.append(fn())
+        except BaseException as e:
+            failed.append(e)
+
+    t = threading.Thread(target=work)
+    t.start()
+    t.join()
+    if failed:
+        raise failed[0]
+    return out[0]
+
+
+def tx_packets(node: Node, job_id: str) -> int:
+    """eth0's tx_packets in a job namespace, read through netlink (IFLA_STATS64)."""
+    from pyroute2 import IPRoute
+
+    def read() -> int:
+        with IPRoute() as ipr:
+            return int(ipr.link("get", ifname="eth0")[0].get("IFLA_STATS64")["tx_packets"])
+
+    return in_netns(node.job_ns(job_id), read)
+
+
+def sniffer(node: Node, job_id: str) -> socket.socket:
+    """A packet socket on eth0 in a job namespace: every frame it sends or receives."""
+
+    def open_it() -> socket.socket:
+        s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+        s.bind(("eth0", ETH_P_ALL))
+        s.setblocking(False)
+        return s
+
+    return in_netns(node.job_ns(job_id), open_it)
+
+
+def frames(s: socket.socket) -> list[tuple[int, int]]:
+    """(ethertype, packet type) of every frame captured so far."""
+    out = []
+    while True:
+        try:
+            data, addr = s.recvfrom(65535)
+        except BlockingIOError:
+            return out
+        out.append((int.from_bytes(data[12:14], "big"), addr[2]))
+
+
+def igmp_groups(node: Node, job_id: str) -> dict[str, list[list[str]]]:
+    """/proc/net/igmp inside a job namespace: device -> [[group, users, timer, reporter], ...]."""
+    out: dict[str, list[list[str]]] = {}
+    dev = ""
+    for line in node.in_job(job_id, "cat", "/proc/net/igmp").stdout.splitlines()[1:]:
+        if line[:1].isdigit():
+            dev = line.split()[1]
+            out[dev] = []
+        elif line.strip():
+            out[dev].append(line.split())
+    return out
+
+
+@pytest.mark.slow
+def test_a_job_sends_nothing_on_its_own_and_never_arps_for_a_peer(world: World) -> None:
+    """Every byte a job sends is charged to it: idle, it sends nothing (no ARP, IGMP, IPv6 RS/MLD/DAD, GARP),
+    and a peer's ping costs it exactly the replies (its entry for the peer is permanent: no ARP)."""
+    j = populate(world)
+    a4 = world.add_job("n1", "a", 4)  # a local peer of a1
+    world.reconcile_all(full=True)
+    n1, n2 = world.nodes["n1"], world.nodes["n2"]
+    everyone = [(node, job) for node in (n1, n2) for _, job in node.jobs.values()]
+    sniffers = {job.id: sniffer(node, job.id) for node, job in everyone}
+    try:
+        # Nothing sent since its namespace was made; IGMP knows only the all-hosts group, never reported.
+        assert {job.id: tx_packets(node, job.id) for node, job in everyone} == {job.id: 0 for _, job in everyone}
+        for node, job in everyone:
+            igmp = igmp_groups(node, job.id)
+            assert [g[0] for g in igmp["eth0"]] == [IGMP_ALL_HOSTS], igmp
+            assert igmp["eth0"][0][2:] == ["0:00000000", "0"], igmp  # no timer running, never reported
+        for node in (n1, n2):  # no querier on the group bridges (and no snooping)
+            for vni in (100, 200):
+                info = link(node, f"jnb{vni}")
+                assert info is not None
+                assert (info["linkinfo"]["info_data"]["mcast_querier"],
+                        info["linkinfo"]["info_data"]["mcast_snooping"]) == (0, 0)
+
+        time.sleep(10)
+        assert {job.id: tx_packets(node, job.id) for node, job in everyone} == {job.id: 0 for _, job in everyone}
+
+        # Peers ping a1: a2 from the other node, a4 from the same one. One try each, no ARP anywhere.
+        for node, src in ((n2, j["a2"]), (n1, a4)):
+            res = node.in_job(src.id, "ping", "-n", "-c3", "-i0.2", "-W1", "-q", j["a1"].ip)
+            assert res.returncode == 0 and " 0% packet loss" in res.stdout, res.stdout
+        want = {job.id: 0 for _, job in everyone} | {j["a1"].id: 6, j["a2"].id: 3, a4.id: 3}
+        assert {job.id: tx_packets(node, job.id) for node, job in everyone} == want
+
+        time.sleep(10)  # no probe, no reachability confirmation afterwards either
+        assert {job.id: tx_packets(node, job.id) for node, job in everyone} == want
+        seen = {job_id: frames(s) for job_id, s in sniffers.items()}
+        assert {k: [f for f in v if f[0] == ETH_P_ARP] for k, v in seen.items()} == {k: [] for k in seen}
+        assert {k: sum(1 for f in v if f[1] == PACKET_OUTGOING) for k, v in seen.items()} == want
+    finally:
+        for s in sniffers.values():
+            s.close()
