@@ -384,6 +384,11 @@ class Agent:
             if job is None or job_id in self.finished:
                 continue
             jobs[job_id] = JobNet(self.network.job_netns_path(job_id), job.mac)
+        n = self._sample_jobs(jobs)
+        self.stats["usage_sample_ms"] = round((time.perf_counter() - t0) * 1000)
+        log.debug("usage: sampled %d job(s) in %.1f ms", n, (time.perf_counter() - t0) * 1000)
+
+    def _sample_jobs(self, jobs: Mapping[str, JobNet]) -> int:
         readings = self.accounting.read(jobs)
         items = []
         for job_id, r in readings.items():
@@ -400,8 +405,7 @@ class Agent:
             items.append((job_id, r.sampled_ns, False, self.meter.observe(job_id, r)))
         self.usage.add(items)
         self.stats["usage_samples"] += len(items)
-        self.stats["usage_sample_ms"] = round((time.perf_counter() - t0) * 1000)
-        log.debug("usage: sampled %d job(s) in %.1f ms", len(items), (time.perf_counter() - t0) * 1000)
+        return len(items)
 
     def _final_usage(self, ex: JobExitLike) -> None:
         """Kernel thread, at a job's end: its last counters into the spool as the final report. Read only (no
@@ -480,15 +484,21 @@ class Agent:
         """One pass. Order: stop what must not run, fix the network, start what must run, clean up."""
         t0 = time.perf_counter()
         running = self.runtime.running()
+        doomed = []
         for job_id in running:
             job = desired.jobs.get(job_id)
             if job is None:
                 log.info("job %s is no longer wanted on this node: killing it", job_id)
                 self.runtime.stop(job_id, 0.0)
+                doomed.append(job_id)
             elif not job.desired_running and job_id not in self._stopping_jobs:
                 log.info("stopping job %s (grace %.0f s)", job_id, self.s.stop_grace_s)
                 self.runtime.stop(job_id, self.s.stop_grace_s)
                 self._stopping_jobs.add(job_id)
+        if doomed:
+            # The network reconcile below deletes their namespaces before poll() sees them exit: read their
+            # counters now, so the final report (the last reading, see _final_usage) is not a stale sample.
+            self._sample_jobs({j: JobNet(self.network.job_netns_path(j), None) for j in doomed})
         steps = self.network.reconcile(desired, full=full)
         self.stats["steps"] += len(steps)
         if full:

@@ -58,7 +58,11 @@ class FakeRuntime:
 
 
 class FakeNetwork:
+    def __init__(self, log: Log | None = None) -> None:
+        self.log = log if log is not None else Log()
+
     def reconcile(self, desired: DesiredState, full: bool = False) -> list[Any]:
+        self.log.append("network reconcile")
         return []
 
     def job_netns_path(self, job_id: str) -> Path:
@@ -129,7 +133,7 @@ def agent(tmp_path: Path) -> tuple[Agent, Log, FakeRuntime, FakeAccounting, Fake
     rt, acct, stub = FakeRuntime(log), FakeAccounting(log), FakeStub()
     s = AgentSettings(name="n1", controller="unix:/nonexistent", underlay_ip="198.18.0.11", underlay_ifname="x",
                       state_dir=tmp_path / "state", usage_interval_s=0.1)
-    a = Agent(s, rt, FakeNetwork(), accounting=acct)
+    a = Agent(s, rt, FakeNetwork(log), accounting=acct)
     a._stub = stub  # type: ignore[assignment]
     orig_add, orig_put = a.usage.add, a.outbox.put
 
@@ -184,6 +188,22 @@ def test_samples_then_final_before_the_status(agent: Any) -> None:
     # a second end report of the same job (a restart) changes nothing
     a._job_ended(JobExitLike(j1.id, "exited", 0, 0, ""))
     assert len(a.usage.pending()) == 3
+
+
+def test_job_removed_while_running_is_read_before_its_namespace_goes(agent: Any) -> None:
+    """A running job the controller no longer wants is killed, and the same pass deletes its namespace: its
+    counters are read first, so its final report (the namespace is gone by then) is not a stale sample."""
+    a, log, rt, acct, _ = agent
+    j1 = job(1)
+    a._reconcile_sync(desired(j1), True)
+    log.clear()
+    a._reconcile_sync(desired(), True)
+    assert log[:3] == [f"read {j1.id} final", f"spool {j1.id} sample", "network reconcile"]
+    del acct.counts[j1.id]  # the namespace is gone
+    rt.exits.append(JobExitLike(j1.id, "signalled", 0, 9, ""))
+    a._poll_sync()
+    final = a.usage.pending()[-1]
+    assert final.final and final.totals.get("tx_local")[0] == 1000
 
 
 def test_unreadable_final_falls_back_to_the_last_sample(agent: Any) -> None:
