@@ -101,6 +101,9 @@ class NetAccounting:
                 return e
             except (NftError, OSError, ValueError) as e:
                 return AccountingError(str(e))
+            except Exception as e:  # one job's odd table must not stop the reading of the others
+                log.exception("job %s: reading its accounting table failed", job_id)
+                return AccountingError(f"{type(e).__name__}: {e}")
 
         raw = self._ns.run_in_each(paths, visit)
         out: dict[str, Reading | AccountingError] = {}
