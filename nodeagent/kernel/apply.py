@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import socket
 from collections.abc import Sequence
@@ -25,6 +26,7 @@ from nodeagent.kernel import rawnl
 from nodeagent.kernel.errors import GONE_ERRNOS, AlreadyExists, InvalidArgument, KernelError, NotFound, from_oserror
 from nodeagent.kernel.model import ZERO_MAC, NetSettings
 from nodeagent.kernel.namespaces import Namespaces, write_sysctl
+from nodeagent.kernel.neighwatch import NeighWatch
 from nodeagent.kernel.netlink import Netlink
 from nodeagent.kernel.observe import LOOPBACK_IFINDEX
 from nodeagent.kernel.steps import (
@@ -45,6 +47,8 @@ from nodeagent.kernel.steps import (
     SetLink,
     Step,
 )
+
+log = logging.getLogger("jobnet.agent.kernel")
 
 ENTRY_STEPS = (AddFloodEntry, ReplaceFdb, ReplaceNeigh, DeleteFdb, DeleteNeigh)  # batched: apply_entries
 JOB_NEIGH_STEPS = (ReplaceJobNeigh, DeleteJobNeigh)  # batched per job namespace: apply_job_neigh
@@ -67,10 +71,12 @@ class Applier:
     """Applies steps in the agent's namespace (`nl`) and in job namespaces (`namespaces`). Keeps a cache
     of ifindex by name; `reset_index` replaces it after a full observation."""
 
-    def __init__(self, settings: NetSettings, nl: Netlink, namespaces: Namespaces) -> None:
+    def __init__(self, settings: NetSettings, nl: Netlink, namespaces: Namespaces,
+                 watch: NeighWatch | None = None) -> None:
         self.s = settings
         self.nl = nl
         self.ns = namespaces
+        self.watch = watch  # told about job namespaces made, remade and removed
         self._index: dict[str, int] = {}
         self._raw = rawnl.route_socket()  # in the calling thread's (= the agent's) namespace
 
@@ -202,6 +208,8 @@ class Applier:
                     results = rawnl.send_all(sock, requests, netns)
             except OSError as e:
                 return from_oserror("send neighbour batch", names.JOB_IFNAME, netns, e)
+            if self.watch is not None:
+                self.watch.drain()  # our own notifications, before thousands of them pile up
             failed += [(i, err) for i, err in zip(sent, results, strict=True) if err is not None]
             return failed
 
@@ -262,6 +270,8 @@ class Applier:
         # Only the namespace file: the veth dies with the namespace, in the kernel's own (asynchronous,
         # batched) cleanup; deleting it here would wait for an RCU grace period per job.
         self._forget(step.host_ifname)
+        if self.watch is not None:
+            self.watch.forget(step.job_id)
         self.ns.remove(self.job_netns_path(step.netns))
 
     def _create_job(self, spec: JobNetSpec) -> None:
@@ -301,9 +311,16 @@ class Applier:
                 self.nl.delete_link(spec.host_ifname)
                 self._delete_job(DeleteJobNetwork(spec.job_id, spec.netns, spec.host_ifname))
             raise
+        if self.watch is not None:
+            try:
+                self.watch.fresh(spec.job_id, path, FRESH_NS_ETH0_INDEX)
+            except KernelError as e:  # its table is read whole at the next full reconcile instead
+                log.warning("not watching the neighbours of job %s: %s", spec.job_id, e)
 
     def _configure_job(self, spec: JobNetSpec, recreate_veth: bool) -> None:
         path = self.job_netns_path(spec.netns)
+        if self.watch is not None:
+            self.watch.invalidate(spec.job_id)  # eth0 (its ifindex) may be new: read its table whole again
         fd = self.ns.enter(path, JOB_SYSCTLS)
         with Netlink(spec.netns, fileno=fd) as job_nl:
             if recreate_veth:

@@ -11,15 +11,18 @@ from pathlib import Path
 class NetSettings:
     """netns_dir: where job network namespace files live (jnj-<job>); underlay_ifname / underlay_ip: the
     node's underlay link and address (VXLAN local end); vxlan_port: UDP destination port; label: names the
-    agent's network namespace in errors (default: its inode, net:[...]); neigh_sweep: how many job
-    namespaces a full reconcile reads the whole neighbour table of (round robin; see observe.Sweep)."""
+    agent's network namespace in errors (default: its inode, net:[...]); neigh_watch: follow the neighbour
+    tables of job namespaces through the kernel's notifications (neighwatch.py; False: a full reconcile
+    dumps every job namespace's table); neigh_sweep: how many job namespaces a full reconcile dumps the
+    table of anyway, round robin, as a cross-check (observe.Sweep)."""
 
     netns_dir: Path
     underlay_ifname: str
     underlay_ip: str
     vxlan_port: int = 4789
     label: str = ""
-    neigh_sweep: int = 8
+    neigh_watch: bool = True
+    neigh_sweep: int = 1
 
 
 @dataclass(frozen=True)
@@ -105,12 +108,10 @@ class Observed:
     fdb: dict[tuple[str, str, str], FdbEntry] = field(default_factory=dict)  # by fdb_key()
     neigh: dict[tuple[str, str], NeighEntry] = field(default_factory=dict)  # by (dev, ip)
     jobs: dict[str, JobNs] = field(default_factory=dict)
-    # PERMANENT IPv4 neighbour entries on eth0 of each job namespace that has an eth0, by job id: packed IP
-    # (4 bytes) -> packed MAC (6 bytes); bytes because a full reconcile reads hundreds of thousands of
-    # them. Only we make permanent entries there: one no peer needs goes. Entries in other states are the
-    # kernel's (left alone); a peer's is made permanent again. An observation reads a job's whole table
-    # only now and then (observe.Sweep), otherwise the entries of its peers' addresses: an entry for any
-    # other address may exist without being listed here (until a sweep finds it).
+    # The PERMANENT IPv4 neighbour entries on eth0 of each job namespace that has an eth0, by job id: packed
+    # IP (4 bytes) -> packed MAC (6 bytes); bytes because a node holds hundreds of thousands of them. Only
+    # we make permanent entries there: one no peer needs goes. Entries in other states are the kernel's
+    # (left alone); a peer's is made permanent again. Known from the kernel's notifications (neighwatch.py).
     job_neigh: dict[str, dict[bytes, bytes]] = field(default_factory=dict)
 
     def copy(self, deep: bool = True) -> Observed:

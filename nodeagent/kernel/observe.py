@@ -8,7 +8,8 @@ from __future__ import annotations
 import bisect
 import os
 import socket
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from nodeagent import names
@@ -82,37 +83,39 @@ def observe_node(netns: str) -> tuple[Observed, dict[str, int]]:
     return obs, {r.ifname: r.index for r in recs}
 
 
-def _inside_job(job_id: str, path: Path, probe: Collection[bytes] | None) -> tuple[JobNs, dict[bytes, bytes] | None]:
-    """The state of a job namespace, read from inside it (the calling thread is in it): eth0's config and
-    its permanent neighbour entries (None without an eth0): all of them (probe None: a dump), or those
-    among the addresses `probe` (one lookup each)."""
+def _inside_job(job_id: str, path: Path,
+                whole: Callable[[str, int], bool] | None) -> tuple[JobNs, int, dict[bytes, bytes] | None]:
+    """The state of a job namespace, read from inside it (the calling thread is in it): eth0's config,
+    its ifindex (0: no eth0) and, if `whole(job_id, ifindex)` (always when None), all its permanent
+    neighbour entries (a dump), else None."""
     with rawnl.route_socket() as sock:
         links = rawnl.links(sock, path.name)
         eth0 = next((r for r in links if r.ifname == names.JOB_IFNAME), None)
         lo_up = any(r.index == LOOPBACK_IFINDEX and r.up for r in links)
         if eth0 is None:
-            return JobNs(job_id, usable=True, eth0=None, lo_up=lo_up), None
+            return JobNs(job_id, usable=True, eth0=None, lo_up=lo_up), 0, None
         addrs = frozenset(f"{a.address}/{a.prefixlen}" for a in rawnl.addrs(sock, path.name) if a.index == eth0.index)
         gateway = next((r.gateway for r in rawnl.routes(sock, path.name)
                         if r.table == MAIN_TABLE and r.dst_len == 0 and r.oif == eth0.index), "")
-        if probe is None:
-            neigh = rawnl.permanent_neighbours_v4(sock, eth0.index, path.name)
-        else:
-            neigh = rawnl.permanent_neighbours_v4_among(sock, eth0.index, probe, path.name)
-    return JobNs(job_id, usable=True, eth0=JobIface(eth0.mac, eth0.mtu, eth0.up, addrs, gateway), lo_up=lo_up), neigh
+        table = None
+        if whole is None or whole(job_id, eth0.index):
+            table = rawnl.permanent_neighbours_v4(sock, eth0.index, path.name)
+    ns = JobNs(job_id, usable=True, eth0=JobIface(eth0.mac, eth0.mtu, eth0.up, addrs, gateway), lo_up=lo_up)
+    return ns, eth0.index, table
 
 
 class Sweep:
-    """Which job namespaces a full observation reads whole neighbour tables of: `per_pass` of them, round
-    robin over the job ids. Only a dump finds a permanent entry that is no peer's (made by hand, or left
-    by a peer that went while the agent was down), but a dump in one namespace walks the neighbour table
-    of the whole node: every namespace each time would cost O(jobs x entries)."""
+    """Round robin over job ids: which namespaces a full observation reads the whole neighbour table of
+    although it knows it from notifications (neighwatch.py): `per_pass` at a time, a cross-check that
+    costs a dump each (a walk of the node's whole neighbour table)."""
 
     def __init__(self, per_pass: int) -> None:
         self.per_pass = per_pass
         self.last = ""  # the job id swept last
 
     def pick(self, job_ids: Collection[str]) -> set[str]:
+        if self.per_pass <= 0:
+            return set()
         if len(job_ids) <= self.per_pass:
             return set(job_ids)
         ids = sorted(job_ids)
@@ -122,29 +125,34 @@ class Sweep:
         return set(chosen)
 
 
-def observe_jobs(namespaces: Namespaces, paths: dict[str, Path], probes: Mapping[str, Collection[bytes]] | None = None,
-                 sweep: Collection[str] = ()) -> tuple[dict[str, JobNs], dict[str, dict[bytes, bytes]]]:
+@dataclass
+class JobTables:
+    """What `observe_jobs` read of the job namespaces' neighbour entries: eth0's ifindex of every job that
+    has an eth0, and the whole permanent table of those it read (see `_inside_job`)."""
+
+    eth0: dict[str, int] = field(default_factory=dict)
+    read: dict[str, dict[bytes, bytes]] = field(default_factory=dict)
+
+
+def observe_jobs(namespaces: Namespaces, paths: dict[str, Path],
+                 whole: Callable[[str, int], bool] | None = None) -> tuple[dict[str, JobNs], JobTables]:
     """Every job namespace file (by job id), from one worker thread, and the permanent neighbour entries on
-    the eth0 of those that have one (see `Observed.job_neigh`): all of them in the namespaces of `sweep`
-    (and in all when `probes` is None), elsewhere those among the addresses `probes` lists for the job (its
-    peers). A file that is not (any more) a network namespace is not usable; any other failure is raised."""
+    the eth0 of those that have one and `whole` picks (all when None). A file that is not (any more) a
+    network namespace is not usable; any other failure is raised."""
     out: dict[str, JobNs] = {}
-    neighs: dict[str, dict[bytes, bytes]] = {}
-
-    def inside(job_id: str, path: Path) -> tuple[JobNs, dict[bytes, bytes] | None]:
-        probe = None if probes is None or job_id in sweep else probes.get(job_id, ())
-        return _inside_job(job_id, path, probe)
-
-    for job_id, res in namespaces.run_in_each(paths, inside).items():
+    tables = JobTables()
+    for job_id, res in namespaces.run_in_each(paths, lambda j, p: _inside_job(j, p, whole)).items():
         if isinstance(res, (InvalidArgument, NotFound)) and res.op in ("open netns", "setns"):
             out[job_id] = JobNs(job_id, usable=False)
         elif isinstance(res, KernelError):
             raise res
         else:
-            out[job_id], neigh = res
-            if neigh is not None:
-                neighs[job_id] = neigh
-    return out, neighs
+            out[job_id], eth0, table = res
+            if eth0:
+                tables.eth0[job_id] = eth0
+            if table is not None:
+                tables.read[job_id] = table
+    return out, tables
 
 
 def job_netns_files(netns_dir: Path) -> dict[str, Path]:
@@ -157,11 +165,12 @@ def job_netns_files(netns_dir: Path) -> dict[str, Path]:
     return out
 
 
-def observe(namespaces: Namespaces, netns_dir: Path, probes: Mapping[str, Collection[bytes]] | None = None,
-            sweep: Sweep | None = None) -> tuple[Observed, dict[str, int]]:
-    """The whole picture: `observe_node` plus every job namespace (neighbour entries as `observe_jobs`
-    reads them, in the namespaces `sweep` picks whole)."""
+def observe(namespaces: Namespaces, files: dict[str, Path],
+            whole: Callable[[str, int], bool] | None = None) -> tuple[Observed, dict[str, int], JobTables]:
+    """The whole picture: `observe_node` plus the job namespace files `files` (`job_netns_files`). The
+    neighbour entries of the tables read whole go into `Observed.job_neigh`; the caller adds those it knows
+    otherwise (neighwatch.py)."""
     obs, index = observe_node(namespaces.label)
-    files = job_netns_files(netns_dir)
-    obs.jobs, obs.job_neigh = observe_jobs(namespaces, files, probes, sweep.pick(files) if sweep else ())
-    return obs, index
+    obs.jobs, tables = observe_jobs(namespaces, files, whole)
+    obs.job_neigh = dict(tables.read)
+    return obs, index, tables

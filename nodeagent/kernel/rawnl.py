@@ -18,7 +18,6 @@ import errno
 import ipaddress
 import socket
 import struct
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 from nodeagent.kernel.errors import DumpInterrupted, KernelError, from_errno
@@ -28,7 +27,6 @@ RTM_GETLINK, RTM_GETADDR, RTM_GETROUTE, RTM_GETNEIGH = 18, 22, 26, 30
 NLM_F_DUMP, NLM_F_DUMP_INTR = 0x300, 0x10
 DUMP_RETRIES = 5
 RECV_SIZE = 1 << 16
-MSG_TRUNC = int(socket.MSG_TRUNC)  # a plain int: IntFlag arithmetic costs microseconds per message
 RTM_NEWLINK, RTM_NEWADDR, RTM_NEWROUTE, RTM_NEWNEIGH, RTM_DELNEIGH = 16, 20, 24, 28, 29
 NLM_F_REQUEST, NLM_F_ACK, NLM_F_REPLACE, NLM_F_EXCL, NLM_F_CREATE, NLM_F_APPEND = 0x1, 0x4, 0x100, 0x200, 0x400, 0x800
 NLM_F_ACK_TLVS = 0x200  # in an ack: extended ack attributes follow
@@ -328,62 +326,58 @@ def permanent_neighbours_v4(sock: socket.socket, ifindex: int, netns: str) -> di
     raise DumpInterrupted("dump", "neighbours", netns, 0, f"interrupted {DUMP_RETRIES} times")
 
 
-_GET_NEIGH_V4 = struct.Struct("=IHHIIBxxxiHBBHH4s")  # nlmsghdr, ndmsg, NDA_DST: one RTM_GETNEIGH request
-# A reply as the kernel writes it: nlmsghdr, ndmsg, NDA_DST (IPv4), NDA_LLADDR (Ethernet).
-_NEIGH_V4_REPLY = struct.Struct("=IHHIIBxxxiHBBHH4sHH6s")
-_ERR_REPLY = struct.Struct("=IHHIIi")
+# -- network namespace ids -------------------------------------------------------------------------
+
+RTM_NEWNSID, RTM_GETNSID = 88, 90
+NETNSA_NSID, NETNSA_FD = 1, 3
+NETNSA_NSID_NOT_ASSIGNED = -1
 
 
-def permanent_neighbours_v4_among(sock: socket.socket, ifindex: int, ips: Iterable[bytes], netns: str,
-                                  chunk: int = 256) -> dict[bytes, bytes]:
-    """The PERMANENT IPv4 neighbour entries on link `ifindex` for the addresses `ips` (packed), as
-    `permanent_neighbours_v4` returns them, but asked for one by one (an RTM_GETNEIGH request each, `chunk`
-    per datagram). A neighbour dump walks the kernel's neighbour table of ALL namespaces (one hash table),
-    so reading one namespace's entries that way costs O(entries on the node); these lookups cost O(ips),
-    about 2-3 us each (one reply datagram each)."""
-    pack, reply, err_reply = _GET_NEIGH_V4.pack, _NEIGH_V4_REPLY.unpack_from, _ERR_REPLY.unpack_from
-    recv_into = sock.recv_into
-    found: dict[bytes, bytes] = {}
-    buf = bytearray(RECV_SIZE)
-    todo = list(ips)
-    for start in range(0, len(todo), chunk):
-        part = todo[start:start + chunk]
-        sock.send(b"".join(pack(36, RTM_GETNEIGH, NLM_F_REQUEST, seq, 0, socket.AF_INET, ifindex, 0, 0, 0, 8, NDA_DST,
-                                ip) for seq, ip in enumerate(part, start=1)))
-        pending = len(part)
-        while pending:
-            n = recv_into(buf, 0, MSG_TRUNC)  # with MSG_TRUNC: the datagram's real length
-            if n > RECV_SIZE:
-                raise KernelError("receive", "rtnetlink reply", netns, 90, f"reply longer than {RECV_SIZE} bytes")
-            off = 0
-            while off + 16 <= n:
-                length, mtype, _, seq, _ = _NLMSGHDR.unpack_from(buf, off)
-                if length < 16:
-                    break
-                if mtype == RTM_NEWNEIGH and 1 <= seq <= len(part):
-                    pending -= 1
-                    if length >= _NEIGH_V4_REPLY.size:
-                        (_, _, _, _, _, _, ifi, state, _, _, dst_len, dst_type, ip, ll_len, ll_type,
-                         mac) = reply(buf, off)
-                    else:
-                        dst_len = 0
-                    if dst_len != 8 or dst_type != NDA_DST or ll_len != 10 or ll_type != NDA_LLADDR:
-                        ifi, state = struct.unpack_from("=iH", buf, off + 20)
-                        attrs = _attrs(bytes(buf[off:off + length]), 28, length)
-                        ip, mac = attrs.get(NDA_DST, b""), attrs.get(NDA_LLADDR, b"")
-                    if ifi == ifindex and state & NUD_PERMANENT and len(mac) == 6 and len(ip) == 4:
-                        found[ip] = mac
-                elif mtype == NLMSG_ERROR and 1 <= seq <= len(part):
-                    pending -= 1
-                    err = -err_reply(buf, off)[5]
-                    if err and err != errno.ENOENT:
-                        raise from_errno("get neighbour", f"{_ip(part[seq - 1])} (ifindex {ifindex})", netns, err,
-                                         _ext_ack_msg(bytes(buf[off:off + length]), _NLMSGHDR.unpack_from(buf, off)[2]))
-                off += (length + 3) & ~3
-    return found
+def nsid_of(sock: socket.socket, ns_fd: int, netns: str, what: str) -> int:
+    """The id the socket's namespace has for the namespace `ns_fd` refers to, assigned first if it has
+    none (ids are what a NETLINK_LISTEN_ALL_NSID socket tells notifications of other namespaces apart by).
+    `what` names that namespace in errors."""
+    rtgen = struct.pack("=Bxxx", socket.AF_UNSPEC)
+    fd_attr = _attr(NETNSA_FD, struct.pack("=I", ns_fd))
+    err = send_all(sock, [Request("assign nsid", what, RTM_NEWNSID, 0,
+                                  rtgen + _attr(NETNSA_NSID, struct.pack("=i", NETNSA_NSID_NOT_ASSIGNED)) + fd_attr)],
+                   netns)[0]
+    if err is not None and err.errno != errno.EEXIST:  # EEXIST: it has one already
+        raise err
+    sock.send(struct.pack("=IHHII", 16 + len(rtgen) + len(fd_attr), RTM_GETNSID, NLM_F_REQUEST, 1, 0) + rtgen + fd_attr)
+    while True:
+        data = _recv(sock, netns)
+        off = 0
+        while off + 16 <= len(data):
+            length, mtype, flags, seq = struct.unpack_from("=IHHI", data, off)
+            if length < 16:
+                break
+            if seq == 1 and mtype == NLMSG_ERROR:
+                (code,) = struct.unpack_from("=i", data, off + 16)
+                raise from_errno("get nsid", what, netns, -code, _ext_ack_msg(data[off:off + length], flags))
+            if seq == 1 and mtype == RTM_NEWNSID:
+                nsid = _attrs(data, off + 16 + len(rtgen), off + length).get(NETNSA_NSID, b"")
+                if len(nsid) != 4:
+                    raise KernelError("get nsid", what, netns, errno.EPROTO, "reply without NETNSA_NSID")
+                return int(struct.unpack("=i", nsid)[0])
+            off += (length + 3) & ~3
 
 
-_NLMSGHDR = struct.Struct("=IHHII")
+def neigh_event_v4(data: bytes, off: int, length: int) -> tuple[int, int, int, bytes, bytes] | None:
+    """(message type, ifindex, state, packed ip, packed mac or b"") of an IPv4 neighbour notification
+    (RTM_NEWNEIGH / RTM_DELNEIGH) at `off`; None for any other message."""
+    mtype = struct.unpack_from("=H", data, off + 4)[0]
+    if mtype not in (RTM_NEWNEIGH, RTM_DELNEIGH) or length < 28:
+        return None
+    family, ifindex, state = struct.unpack_from("=BxxxiH", data, off + 16)
+    if family != socket.AF_INET:
+        return None
+    a = off + 28
+    if data[a:a + 4] == _NDA_DST_V4 and data[a + 8:a + 12] == _NDA_LLADDR_ETH and length >= 46:
+        return mtype, ifindex, state, data[a + 4:a + 8], data[a + 12:a + 18]
+    attrs = _attrs(data, a, off + length)
+    ip = attrs.get(NDA_DST, b"")
+    return (mtype, ifindex, state, ip, attrs.get(NDA_LLADDR, b"")) if len(ip) == 4 else None
 
 
 def u32(raw: bytes | None) -> int:

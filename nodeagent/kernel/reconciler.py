@@ -21,12 +21,13 @@ from pathlib import Path
 from nodeagent import names
 from nodeagent.desired import DesiredState
 from nodeagent.kernel.apply import ENTRY_STEPS, JOB_NEIGH_STEPS, Applier
-from nodeagent.kernel.errors import DependencyFailed, ReconcileError, StepFailed
+from nodeagent.kernel.errors import DependencyFailed, KernelError, ReconcileError, StepFailed
 from nodeagent.kernel.model import NetSettings, Observed
 from nodeagent.kernel.namespaces import Namespaces
+from nodeagent.kernel.neighwatch import watch_or_none
 from nodeagent.kernel.netlink import Netlink
-from nodeagent.kernel.observe import Sweep, observe
-from nodeagent.kernel.plan import NO_PEERS, Wanted, advance, plan_wanted, update_wanted, wanted
+from nodeagent.kernel.observe import Sweep, job_netns_files, observe
+from nodeagent.kernel.plan import Wanted, advance, plan_wanted, update_wanted, wanted
 from nodeagent.kernel.steps import (
     AddFloodEntry,
     ConfigureJob,
@@ -93,7 +94,8 @@ class NetworkReconciler:
         except BaseException:
             self._ns.close()
             raise
-        self._applier = Applier(settings, self._nl, self._ns)
+        self._watch = watch_or_none(self._label) if settings.neigh_watch else None
+        self._applier = Applier(settings, self._nl, self._ns, self._watch)
         self._closed = False
         self._model: Observed | None = None
         self._want: Wanted | None = None
@@ -107,21 +109,46 @@ class NetworkReconciler:
         if not self._closed:
             self._closed = True
             self._applier.close()
+            if self._watch is not None:
+                self._watch.close()
             self._nl.close()
             self._ns.close()
 
     def observed(self) -> Observed:
-        """A copy of the current model (observing the kernel if there is none: every job's whole neighbour
-        table then)."""
-        return self._observe(None).copy() if self._model is None else self._model.copy()
+        """A copy of the current model (observing the kernel if there is none)."""
+        return self._observe().copy() if self._model is None else self._model.copy()
 
-    def _observe(self, want: Wanted | None) -> Observed:
-        """Observe the kernel anew. Job neighbour entries: the whole table of the namespaces the sweep
-        picks, elsewhere the entries of the job's peers in `want` (all of every table when `want` is None)."""
+    def _observe(self) -> Observed:
+        """Observe the kernel anew. The neighbour entries of job namespaces come from the notifications
+        (neighwatch.py) where their tables are known; the others are read whole (dumped), and so are those
+        the sweep picks, as a cross-check."""
         self._model = None  # should observing fail, the next reconcile tries again
-        probes = None if want is None else {job_id: want.peers.get(group, NO_PEERS)
-                                            for job_id, group in want.job_group.items()}
-        obs, index = observe(self._ns, self.settings.netns_dir, probes, self._sweep)
+        files = job_netns_files(self.settings.netns_dir)
+        watch = self._watch
+        whole = None
+        inos: dict[str, int] = {}
+        if watch is not None:
+            watch.drain()
+            watch.retain(set(files))
+            for job_id, path in files.items():
+                try:
+                    inos[job_id] = os.stat(path).st_ino
+                    if not watch.watching(job_id, inos[job_id]):
+                        watch.watch(job_id, path)
+                except (OSError, KernelError) as e:  # not a namespace (any more): the plan replaces it
+                    log.debug("not watching the neighbours of job %s: %s", job_id, e)
+            swept = self._sweep.pick(files)
+
+            def whole(job_id: str, eth0: int) -> bool:
+                return job_id in swept or not watch.knows(job_id, inos.get(job_id, -1), eth0)
+
+        obs, index, tables = observe(self._ns, files, whole)
+        if watch is not None:
+            for job_id, table in tables.read.items():
+                watch.set_table(job_id, table, tables.eth0[job_id])
+            watch.drain()  # what changed since the ids were given or the tables read
+            obs.job_neigh = {job_id: dict(watch.table(job_id)) if watch.knows(job_id, inos.get(job_id, -1), eth0)
+                             else tables.read.get(job_id, {}) for job_id, eth0 in tables.eth0.items()}
         self._applier.reset_index(index)
         self._model = obs
         return obs
@@ -139,7 +166,9 @@ class NetworkReconciler:
             self._want = wanted(desired, self.settings)
         assert self._want is not None
         self._desired = desired
-        model = self._observe(self._want) if full else self._model
+        if self._watch is not None:
+            self._watch.drain()  # (cheap when nothing changed; keeps the socket's buffer small)
+        model = self._observe() if full else self._model
         assert model is not None
         for job_id, why in self._want.rejected.items():
             if keys is None or job_id in keys.jobs:

@@ -7,6 +7,7 @@ import ctypes
 import json
 import os
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -362,13 +363,35 @@ def test_a_restarted_reconciler_adopts_what_is_there(world: World) -> None:
     assert ping_ok(world.nodes["n1"], j["a1"].id, j["a3"].ip)
 
 
-@pytest.mark.parametrize("sweep", [8, 1])
-def test_job_neighbour_entries_follow_the_peers_and_are_repaired(world: World, sweep: int) -> None:
-    """sweep 8: every full reconcile reads every job's whole neighbour table (dumps); sweep 1: one job's
-    per full reconcile, the others' entries of their peers one by one (lookups)."""
+class TableReads:
+    """Counts the neighbour tables read whole (dumps) in job namespaces."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from nodeagent.kernel import rawnl
+
+        self.count = 0
+        real = rawnl.permanent_neighbours_v4
+
+        def counting(*args: Any) -> dict[bytes, bytes]:
+            self.count += 1
+            return real(*args)
+
+        monkeypatch.setattr(rawnl, "permanent_neighbours_v4", counting)
+
+    def take(self) -> int:
+        n, self.count = self.count, 0
+        return n
+
+
+@pytest.mark.parametrize("mode", ["notifications", "dumps"])
+def test_job_neighbour_entries_follow_the_peers_and_are_repaired(world: World, mode: str,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """notifications: a full reconcile knows the job namespaces' neighbour tables from the kernel's
+    notifications (no cross-check sweep here: it reads none whole); dumps: it reads every one whole."""
     for node in world.nodes.values():
         node.stop()
-        node.start(neigh_sweep=sweep)
+        node.start(neigh_watch=mode == "notifications", neigh_sweep=0)
+    reads = TableReads(monkeypatch)
     j = populate(world)
     n1, n2 = world.nodes["n1"], world.nodes["n2"]
     world.reconcile_all(full=True)
@@ -418,23 +441,17 @@ def test_job_neighbour_entries_follow_the_peers_and_are_repaired(world: World, s
     assert job_neigh(n2, a2.id)[a3.ip] == (a3.mac, ["STALE"])
 
     assert world.reconcile_all() == {"n1": [], "n2": []}  # an incremental reconcile trusts its model
+    reads.take()
     steps = world.reconcile_all(full=True)
-    stray = DeleteJobNeigh(a1.id, f"jnj-{a1.id}", "10.40.0.250", "02:00:00:00:ee:01")
-    assert set(steps["n1"]) - {stray} == {
+    assert sorted(map(repr, steps["n1"])) == sorted(map(repr, [
         ReplaceJobNeigh(a1.id, f"jnj-{a1.id}", a2.ip, a2.mac),
         ReplaceJobNeigh(a1.id, f"jnj-{a1.id}", a3.ip, a3.mac),
         ReplaceJobNeigh(a1.id, f"jnj-{a1.id}", a4.ip, a4.mac),
-        ReplaceNeigh("jnx100", a2.ip, a2.mac), ReplaceFdb("jnx100", a3.mac, "198.18.0.2")}
-    assert len(steps["n1"]) == len(set(steps["n1"]))
+        DeleteJobNeigh(a1.id, f"jnj-{a1.id}", "10.40.0.250", "02:00:00:00:ee:01"),
+        ReplaceNeigh("jnx100", a2.ip, a2.mac), ReplaceFdb("jnx100", a3.mac, "198.18.0.2")]))
     assert steps["n2"] == [ReplaceJobNeigh(a2.id, f"jnj-{a2.id}", a3.ip, a3.mac)]
-    # A stray entry (no peer's address) shows only in a whole table: found once the sweep reaches a1.
-    rounds, found = 1, stray in steps["n1"]
-    while not found:
-        rounds += 1
-        more = n1.reconcile(world.desired("n1"), full=True)
-        assert more in ([], [stray]), more
-        found = more == [stray]
-    assert rounds == 1 if sweep >= len(n1.jobs) else rounds <= len(n1.jobs)
+    # found from the notifications alone, or by reading all 7 job namespaces' tables
+    assert reads.take() == (0 if mode == "notifications" else 7)
     assert job_neigh(n1, a1.id) == {**peers_of(world, a1), "10.40.0.1": ("02:00:00:00:ee:02", ["STALE"])}
     assert job_neigh(n2, a2.id) == peers_of(world, a2)
     assert all("PERMANENT" in n["state"] for n in n1.ip("neigh", "show", "dev", "jnx100"))
@@ -561,3 +578,76 @@ def test_a_job_sends_nothing_on_its_own_and_never_arps_for_a_peer(world: World) 
     finally:
         for s in sniffers.values():
             s.close()
+
+
+def test_neighbour_notifications_after_restarts_losses_and_reused_namespace_ids(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tables the notifications keep: namespaces made by the reconciler are known from the start; a
+    restarted one reads each table whole once; lost notifications make it read them all again; a namespace
+    id the kernel gives again to another job's namespace is followed as that job's."""
+    for node in world.nodes.values():
+        node.stop()
+        node.start(neigh_sweep=0)
+    reads = TableReads(monkeypatch)
+    j = populate(world)
+    n1, n2 = world.nodes["n1"], world.nodes["n2"]
+    world.reconcile_all()
+    assert world.reconcile_all(full=True) == {"n1": [], "n2": []} and reads.take() == 0
+
+    def watch(node: Node) -> Any:
+        assert node.rec is not None and node.rec._watch is not None
+        return node.rec._watch
+
+    def mirror_is_kernel(node: Node) -> None:
+        for _, job in node.jobs.values():
+            table = node.call(lambda job=job: dict(watch(node).table(job.id)))
+            assert {socket.inet_ntoa(ip): mac.hex(":") for ip, mac in table.items()} == {
+                ip: mac for ip, (mac, states) in job_neigh(node, job.id).items() if "PERMANENT" in states}
+
+    # A restarted reconciler reads every job's table once, then follows them.
+    n2.stop()
+    n2.start(neigh_sweep=0)
+    assert n2.reconcile(world.desired("n2"), full=True) == [] and reads.take() == len(n2.jobs)
+    assert n2.reconcile(world.desired("n2"), full=True) == [] and reads.take() == 0
+    mirror_is_kernel(n2)
+
+    # Notifications lost (a receive buffer too small for a burst made by hand): every table read again.
+    w = watch(n2)
+    n2.call(lambda: w._events.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1))  # the kernel's minimum
+    batch = "".join(f"neigh add 10.40.1.{i} lladdr 02:00:00:00:ef:01 dev eth0 nud permanent\n" for i in range(1, 200))
+    res = subprocess.run(["nsenter", f"--net={n2.job_ns(j['a3'].id)}", "ip", "-batch", "-"], input=batch,
+                         capture_output=True, text=True, timeout=30)
+    assert res.returncode == 0, res.stderr
+    n2.call(lambda: w._events.setsockopt(socket.SOL_SOCKET, 33, 32 << 20))  # SO_RCVBUFFORCE: as it was
+    steps = n2.reconcile(world.desired("n2"), full=True)
+    assert w.lost >= 1 and reads.take() == len(n2.jobs)
+    assert len(steps) == 199 and all(isinstance(s, DeleteJobNeigh) and s.job_id == j["a3"].id for s in steps)
+    assert n2.reconcile(world.desired("n2"), full=True) == [] and reads.take() == 0
+    mirror_is_kernel(n2)
+
+    # A job goes and another comes once its namespace is gone: the kernel may give the new namespace the
+    # id of the old one. Changes in it by hand are seen as the new job's.
+    old = n2.call(lambda: w._jobs[j["a2"].id].nsid)
+    del n2.jobs[j["a2"].id]
+    world.reconcile_all()
+    assert wait_gone(n2, f"jnv{j['a2'].id}")
+    a6 = world.add_job("n2", "a", 6)
+    world.reconcile_all()
+    print(f"namespace id of the job gone: {old}, of the new one: {n2.call(lambda: w._jobs[a6.id].nsid)}")
+    assert n2.in_job(a6.id, "ip", "neigh", "del", j["a1"].ip, "dev", "eth0").returncode == 0
+    assert n2.in_job(a6.id, "ip", "neigh", "add", "10.40.0.251", "lladdr", "02:00:00:00:ef:02", "dev", "eth0",
+                     "nud", "permanent").returncode == 0
+    steps = n2.reconcile(world.desired("n2"), full=True)
+    assert sorted(map(repr, steps)) == sorted(map(repr, [
+        ReplaceJobNeigh(a6.id, f"jnj-{a6.id}", j["a1"].ip, j["a1"].mac),
+        DeleteJobNeigh(a6.id, f"jnj-{a6.id}", "10.40.0.251", "02:00:00:00:ef:02")]))
+    assert reads.take() == 0
+    mirror_is_kernel(n1)
+    mirror_is_kernel(n2)
+
+    # A job whose eth0 is made anew (another ifindex) has its table read again.
+    sh("ip", "-n", n2.netns, "link", "del", f"jnv{a6.id}")
+    steps = n2.reconcile(world.desired("n2"), full=True)
+    assert [type(s).__name__ for s in steps] == ["ConfigureJob"] + ["ReplaceJobNeigh"] * 2  # a1, a3
+    assert n2.reconcile(world.desired("n2"), full=True) == [] and reads.take() == 1
+    mirror_is_kernel(n2)
