@@ -440,6 +440,11 @@ def _in_sync(have: dict[bytes, bytes], peers: dict[bytes, bytes], own: bytes | N
             and have.items() <= peers.items())
 
 
+def _members(want: Wanted, keys: Keys) -> dict[str, list[str]]:
+    """The local jobs of each group in `keys.peers`, sorted once (a snapshot may bring thousands of peers)."""
+    return {group: sorted(want.group_jobs.get(group, ())) for group in {g for g, _ in keys.peers}}
+
+
 def _job_neigh_deletes(want: Wanted, observed: Observed, keys: Keys) -> list[Step]:
     """Permanent entries no peer needs: in the jobs of `keys.jobs` all of them, elsewhere those of the
     addresses in `keys.peers`. Jobs that go or have no eth0 lose their entries with it."""
@@ -452,9 +457,10 @@ def _job_neigh_deletes(want: Wanted, observed: Observed, keys: Keys) -> list[Ste
         if own in have or not have.keys() <= peers.keys():
             out += [_job_neigh_step(DeleteJobNeigh, job_id, ip, mac) for ip, mac in sorted(have.items())
                     if ip == own or ip not in peers]
+    members = _members(want, keys)
     for group, ip in sorted(keys.peers):
         peers = want.peers.get(group, NO_PEERS)
-        for job_id in sorted(want.group_jobs.get(group, ())):
+        for job_id in members[group]:
             have = observed.job_neigh.get(job_id)
             if job_id in keys.jobs or not have:
                 continue
@@ -478,11 +484,12 @@ def _job_neigh_creates(want: Wanted, have_model: Observed, keys: Keys, fresh: se
         if not _in_sync(have, peers, own):
             out += [_job_neigh_step(ReplaceJobNeigh, job_id, ip, mac) for ip, mac in sorted(peers.items())
                     if ip != own and have.get(ip) != mac]
+    members = _members(want, keys)
     for group, ip in sorted(keys.peers):
         mac = want.peers.get(group, NO_PEERS).get(ip)
         if mac is None:
             continue
-        for job_id in sorted(want.group_jobs.get(group, ())):
+        for job_id in members[group]:
             if job_id in keys.jobs or job_id in fresh or ip == want.job_ip.get(job_id):
                 continue
             have = have_model.job_neigh.get(job_id)

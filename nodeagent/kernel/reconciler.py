@@ -9,7 +9,9 @@
 Works in the network namespace of the thread that constructs it; call it from ONE thread at a time, in
 that same namespace. The model is what the last full observation saw, advanced by every step applied
 since, so an incremental reconcile costs only the kernel work of what changed (plus a pure diff in
-memory). After any failed step the model is dropped: the next reconcile observes the kernel anew.
+memory). After any failed step the model is dropped: the next reconcile observes the kernel anew. The
+neighbour tables of job namespaces are not read by each observation but followed through the kernel's
+notifications (neighwatch.py): N jobs of one group hold N*(N-1) entries.
 """
 
 from __future__ import annotations
