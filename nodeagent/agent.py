@@ -526,10 +526,10 @@ class Agent:
                 continue
             if acct.action == "repaired":
                 log.warning("job %s: accounting table repaired before start: %s", job.id, "; ".join(acct.problems))
-            t0 = time.perf_counter()
+            t_launch = time.perf_counter()
             try:
                 pid = self.runtime.start_job(job, netns)
-                self.metrics.launch_seconds.observe(time.perf_counter() - t0)
+                self.metrics.launch_seconds.observe(time.perf_counter() - t_launch)
             except self._setup_failed as e:
                 log.warning("job %s: %s", job.id, e)
                 self._job_ended(JobExitLike(job.id, "setup-failed", 0, 0, str(e)))

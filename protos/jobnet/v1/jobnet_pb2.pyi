@@ -1380,7 +1380,12 @@ class NetCounters(_message.Message):
     What a byte is: every byte of every Ethernet frame that crosses the job's own device (eth0 in its
     network namespace), Ethernet header included (14 bytes; no preamble, FCS or VLAN tag), as the kernel
     counts it. A UDP datagram over IPv4 with P bytes of payload sent in n frames (fragments) counts
-    P + 8 + 34 * n bytes. Classes are decided by the kernel (nftables counters in the job's namespace):
+    P + 8 + 34 * n bytes. Two precisions: (1) with segmentation offload (TSO/GSO, left on for throughput)
+    the kernel hands the device TCP super-frames of up to 64 KiB and counts each once with one set of
+    headers, exactly as the device's own counters do, so TCP counts are payload plus headers per
+    super-frame, a few percent below per-segment wire bytes; (2) frames the job's kernel drops because
+    they were not for it (unicast flooded by the bridge to every port) are not charged.
+    Classes are decided by the kernel (nftables counters in the job's namespace):
       local    - the other end is a job on the same node;
       overlay  - the other end is a job on another node (the frame crosses the VXLAN tunnel);
       external - anything else (broadcast, multicast, the gateway and beyond).
@@ -1565,6 +1570,7 @@ class QueryUsageRequest(_message.Message):
     BY_FIELD_NUMBER: _builtins.int
     TOP_FIELD_NUMBER: _builtins.int
     STEP_S_FIELD_NUMBER: _builtins.int
+    POINTS_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     """Filters, combined with AND; empty matches all."""
     group: _builtins.str
@@ -1576,6 +1582,10 @@ class QueryUsageRequest(_message.Message):
     """only the N rows with the most bytes (tx + rx); 0: all rows"""
     step_s: _builtins.int
     """> 0: a time series per row with points every step_s seconds"""
+    points: _builtins.int
+    """step_s = 0 and points > 0: a time series with about this many points (the controller picks the step);
+    useful when start is unset, since only the controller knows when the matching jobs began. At most 10000.
+    """
     @_builtins.property
     def start(self) -> _timestamp_pb2.Timestamp:
         """Window: traffic between start and end (unset start: since the beginning; unset end: now)."""
@@ -1594,10 +1604,11 @@ class QueryUsageRequest(_message.Message):
         by: _builtins.str = ...,
         top: _builtins.int = ...,
         step_s: _builtins.int = ...,
+        points: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "start", b"start"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["by", b"by", "end", b"end", "group", b"group", "job_id", b"job_id", "node", b"node", "start", b"start", "step_s", b"step_s", "top", b"top", "user", b"user"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["by", b"by", "end", b"end", "group", b"group", "job_id", b"job_id", "node", b"node", "points", b"points", "start", b"start", "step_s", b"step_s", "top", b"top", "user", b"user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1671,21 +1682,36 @@ class QueryUsageResponse(_message.Message):
 
     ROWS_FIELD_NUMBER: _builtins.int
     TOTAL_FIELD_NUMBER: _builtins.int
+    START_FIELD_NUMBER: _builtins.int
+    END_FIELD_NUMBER: _builtins.int
+    STEP_S_FIELD_NUMBER: _builtins.int
+    step_s: _builtins.int
     @_builtins.property
     def rows(self) -> _containers.RepeatedCompositeFieldContainer[Global___UsageRow]: ...
     @_builtins.property
     def total(self) -> Global___NetUsage:
         """over every row that matched (before `top`)"""
 
+    @_builtins.property
+    def start(self) -> _timestamp_pb2.Timestamp:
+        """The window and step actually used: start resolved to the first sample of the matching jobs when unset,
+        end to the controller's clock when unset or in the future; step_s 0 when no series was asked for.
+        """
+
+    @_builtins.property
+    def end(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
         self,
         *,
         rows: _abc.Iterable[Global___UsageRow] | None = ...,
         total: Global___NetUsage | None = ...,
+        start: _timestamp_pb2.Timestamp | None = ...,
+        end: _timestamp_pb2.Timestamp | None = ...,
+        step_s: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["total", b"total"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "start", b"start", "total", b"total"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["rows", b"rows", "total", b"total"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "rows", b"rows", "start", b"start", "step_s", b"step_s", "total", b"total"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
