@@ -8,7 +8,8 @@ Job network setup, the fast path (no helper processes, ~2.3 ms per job on a 2-vC
      mount onto <netns_dir>/jnj-<job>; then ONE rtnetlink batch (rawnl.py) from inside: eth0 with the
      job's MAC, the MTU and ifindex 2 (a new namespace has only lo), its peer jnv<job> created directly in
      our namespace (IFLA_NET_NS_FD); lo up; eth0 up; address; default route via the gateway; setns back.
-  2. here: IPv6 off on jnv<job>, then onto the group bridge and up in one request.
+  2. here: IPv6 off on jnv<job>, then one raw batch: onto the group bridge and up; bridge port learning off.
+Its static bridge FDB entry (ReplaceBridgeFdb) follows in the entry batch after the pass's job networks.
 """
 
 from __future__ import annotations
@@ -35,22 +36,27 @@ from nodeagent.kernel.steps import (
     CreateBridge,
     CreateJobNetwork,
     CreateVxlan,
+    DeleteBridgeFdb,
     DeleteFdb,
     DeleteJobNeigh,
     DeleteJobNetwork,
     DeleteLink,
     DeleteNeigh,
     JobNetSpec,
+    ReplaceBridgeFdb,
     ReplaceFdb,
     ReplaceJobNeigh,
     ReplaceNeigh,
+    SetJobPort,
     SetLink,
     Step,
 )
 
 log = logging.getLogger("jobnet.agent.kernel")
 
-ENTRY_STEPS = (AddFloodEntry, ReplaceFdb, ReplaceNeigh, DeleteFdb, DeleteNeigh)  # batched: apply_entries
+# batched: apply_entries
+ENTRY_STEPS = (AddFloodEntry, ReplaceFdb, ReplaceNeigh, DeleteFdb, DeleteNeigh, ReplaceBridgeFdb, DeleteBridgeFdb)
+DELETE_ENTRY_STEPS = (DeleteFdb, DeleteNeigh, DeleteBridgeFdb)
 JOB_NEIGH_STEPS = (ReplaceJobNeigh, DeleteJobNeigh)  # batched per job namespace: apply_job_neigh
 FRESH_NS_ETH0_INDEX = 2  # a new namespace has only lo (ifindex 1): eth0 is created with ifindex 2
 # A job sends nothing on its own (every byte it sends is charged to it): no IPv6 (no link-local address,
@@ -87,13 +93,14 @@ class Applier:
         self._index = dict(index)
 
     def index(self, ifname: str) -> int:
-        """ifindex of a link in the agent's namespace; NotFound when it does not exist."""
+        """ifindex of a link in the agent's namespace (= the calling thread's: an ioctl, not a netlink
+        request); NotFound when it does not exist."""
         idx = self._index.get(ifname)
         if idx is None:
-            rec = self.nl.link(ifname)
-            if rec is None:
-                raise NotFound("look up link", ifname, self.nl.netns, 19, "no such device")
-            idx = self._index[ifname] = rec.index
+            try:
+                idx = self._index[ifname] = socket.if_nametoindex(ifname)
+            except OSError as e:
+                raise NotFound("look up link", ifname, self.nl.netns, errno.ENODEV, "no such device") from e
         return idx
 
     def _forget(self, ifname: str) -> None:
@@ -111,7 +118,8 @@ class Applier:
             case DeleteLink(ifname=ifname):
                 self.nl.delete_link(ifname)
                 self._forget(ifname)
-            case AddFloodEntry() | ReplaceFdb() | ReplaceNeigh() | DeleteFdb() | DeleteNeigh():
+            case (AddFloodEntry() | ReplaceFdb() | ReplaceNeigh() | DeleteFdb() | DeleteNeigh() | ReplaceBridgeFdb()
+                  | DeleteBridgeFdb()):
                 (err,) = self.apply_entries([step])
                 if err is not None:
                     raise err
@@ -130,6 +138,8 @@ class Applier:
                 self._create_job(spec)
             case ConfigureJob(job=spec, recreate_veth=recreate):
                 self._configure_job(spec, recreate)
+            case SetJobPort(job=spec):
+                self._attach_port(spec, mtu=spec.mtu)
 
     def apply_entries(self, steps: list[Step]) -> list[Exception | None]:
         """Apply many FDB / neighbour steps (ENTRY_STEPS) in batches; each one's outcome, in order. Same
@@ -139,10 +149,10 @@ class Applier:
         requests: list[rawnl.Request] = []
         sent: list[int] = []  # index into steps of each request
         for i, step in enumerate(steps):
-            dev = getattr(step, "dev", "")
+            dev = step.port if isinstance(step, (ReplaceBridgeFdb, DeleteBridgeFdb)) else getattr(step, "dev", "")
             idx = self._index_or_none(dev)
             if idx is None:
-                if not isinstance(step, (DeleteFdb, DeleteNeigh)):  # deletes: gone with the device
+                if not isinstance(step, DELETE_ENTRY_STEPS):  # deletes: gone with the device
                     outcome[i] = NotFound("look up link", dev, self.nl.netns, 19, "no such device")
                 continue
             try:
@@ -153,7 +163,7 @@ class Applier:
             sent.append(i)
         for i, err in zip(sent, rawnl.send_all(self._raw, requests, self.nl.netns), strict=True):
             step = steps[i]
-            if err is None or (isinstance(step, (DeleteFdb, DeleteNeigh)) and err.errno in GONE_ERRNOS) or (
+            if err is None or (isinstance(step, DELETE_ENTRY_STEPS) and err.errno in GONE_ERRNOS) or (
                     isinstance(step, AddFloodEntry) and isinstance(err, AlreadyExists)):
                 continue
             outcome[i] = err
@@ -172,6 +182,10 @@ class Applier:
                 return rawnl.neigh("replace", dev, idx, ip, mac)
             case DeleteNeigh(ip=ip, mac=mac):
                 return rawnl.neigh("delete", dev, idx, ip, mac)
+            case ReplaceBridgeFdb(bridge=bridge, mac=mac):
+                return rawnl.bridge_fdb("replace", bridge, dev, idx, mac)
+            case DeleteBridgeFdb(bridge=bridge, mac=mac):
+                return rawnl.bridge_fdb("delete", bridge, dev, idx, mac)
         raise TypeError(f"not an entry step: {step}")
 
     def apply_job_neigh(self, steps: Sequence[Step]) -> list[Exception | None]:
@@ -255,14 +269,11 @@ class Applier:
         self._forget(step.ifname)
         self._up_without_ipv6(step.ifname)
 
-    def _up_without_ipv6(self, ifname: str, master: str = "") -> None:
+    def _up_without_ipv6(self, ifname: str) -> None:
         """The node takes no part in a group's L2: no link-local address, no DAD, RS or MLD into the
-        overlay from the bridge, the vxlan device or a job's host end. Then up (and onto `master`)."""
+        overlay from the bridge, the vxlan device or a job's host end (`_attach_port`). Then up."""
         _ipv6_off(ifname, self.nl.netns)
-        if master:
-            self.nl.set_link_by_name(ifname, master=self.index(master), state="up")
-        else:
-            self.nl.set_link_by_name(ifname, state="up")
+        self.nl.set_link_by_name(ifname, state="up")
 
     # -- job networks -----------------------------------------------------------------------------
 
@@ -305,7 +316,7 @@ class Applier:
                 self.nl.delete_link(spec.host_ifname)
         self._forget(spec.host_ifname)
         try:
-            self._up_without_ipv6(spec.host_ifname, master=spec.bridge)
+            self._attach_port(spec)
         except BaseException:
             with contextlib.suppress(KernelError):  # the original error matters; a full reconcile cleans up
                 self.nl.delete_link(spec.host_ifname)
@@ -329,7 +340,7 @@ class Applier:
                 job_nl.delete_link(names.JOB_IFNAME)
                 self._make_veth(spec, path)
             else:
-                self.nl.set_link_by_name(spec.host_ifname, mtu=spec.mtu, master=self.index(spec.bridge), state="up")
+                self._attach_port(spec, mtu=spec.mtu)
             eth0 = job_nl.link(names.JOB_IFNAME)
             if eth0 is None:
                 raise NotFound("look up link", names.JOB_IFNAME, spec.netns, 19, "no such device")
@@ -358,7 +369,16 @@ class Applier:
         finally:
             os.close(ns_fd)
         self._forget(spec.host_ifname)
-        self._up_without_ipv6(spec.host_ifname, master=spec.bridge)
+        self._attach_port(spec)
+
+    def _attach_port(self, spec: JobNetSpec, mtu: int = 0) -> None:
+        """A job's host end: IPv6 off (as `_up_without_ipv6`), then one batch: onto its bridge and up (and
+        `mtu` if given), bridge port learning off. Its static FDB entry is a step of its own (ReplaceBridgeFdb)."""
+        host = spec.host_ifname
+        _ipv6_off(host, self.nl.netns)
+        idx = self.index(host)
+        rawnl.send(self._raw, [rawnl.port_attach(host, idx, spec.bridge, self.index(spec.bridge), mtu),
+                               rawnl.port_learning(host, idx, False)], self.nl.netns)
 
     @staticmethod
     def _configure_inside(job_nl: Netlink, spec: JobNetSpec, eth0_index: int) -> None:

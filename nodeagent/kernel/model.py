@@ -45,7 +45,8 @@ class BridgeAttrs:
 
 @dataclass(frozen=True)
 class Link:
-    """One of our links (jnb*, jnx*, jnv*) in the agent's namespace."""
+    """One of our links (jnb*, jnx*, jnv*) in the agent's namespace. learning: its bridge port flag when it
+    is a port of a bridge (None: not a port; a wanted VXLAN device: not managed, only job ports have it off)."""
 
     ifname: str
     kind: str
@@ -54,6 +55,7 @@ class Link:
     master: str  # ifname of the master, "" when none
     vxlan: VxlanAttrs | None = None
     bridge: BridgeAttrs | None = None
+    learning: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,19 @@ class NeighEntry:
     ip: str
     mac: str
     permanent: bool = True
+
+
+@dataclass(frozen=True)
+class BridgeFdbEntry:
+    """A STATIC entry `mac -> port` in the FDB of one of our bridges (NTF_MASTER, NUD_NOARP: never ages):
+    each local job's MAC on its veth. sticky: NTF_STICKY (ours always are: learning never moves them).
+    Only we make static entries on our bridges: one no job needs goes; the kernel's own entries (local:
+    the ports' addresses; learned: dynamic) are not observed."""
+
+    bridge: str
+    mac: str
+    port: str
+    sticky: bool = True
 
 
 @dataclass(frozen=True)
@@ -108,6 +123,8 @@ class Observed:
     fdb: dict[tuple[str, str, str], FdbEntry] = field(default_factory=dict)  # by fdb_key()
     neigh: dict[tuple[str, str], NeighEntry] = field(default_factory=dict)  # by (dev, ip)
     jobs: dict[str, JobNs] = field(default_factory=dict)
+    # The static entries of our bridges' FDBs, by (bridge, mac): a MAC has one entry per bridge (no VLANs).
+    bridge_fdb: dict[tuple[str, str], BridgeFdbEntry] = field(default_factory=dict)
     # The PERMANENT IPv4 neighbour entries on eth0 of each job namespace that has an eth0, by job id: packed
     # IP (4 bytes) -> packed MAC (6 bytes); bytes because a node holds hundreds of thousands of them. Only
     # we make permanent entries there: one no peer needs goes. Entries in other states are the kernel's
@@ -117,7 +134,8 @@ class Observed:
     def copy(self, deep: bool = True) -> Observed:
         """deep=False shares each job's neighbour dict: for a copy on which only whole jobs are dropped."""
         job_neigh = {k: dict(v) for k, v in self.job_neigh.items()} if deep else dict(self.job_neigh)
-        return Observed(dict(self.links), dict(self.fdb), dict(self.neigh), dict(self.jobs), job_neigh)
+        return Observed(dict(self.links), dict(self.fdb), dict(self.neigh), dict(self.jobs), dict(self.bridge_fdb),
+                        job_neigh)
 
 
 ZERO_MAC = "00:00:00:00:00:00"

@@ -1,7 +1,7 @@
 """Read what of ours the kernel holds into `model.Observed`: our links (by name, see nodeagent.names), the
-FDB and neighbour entries on our VXLAN devices, and every job namespace file in netns_dir with the config
-and the neighbour entries of its eth0 (read through a netlink socket opened inside it). Dumps retry on
-NLM_F_DUMP_INTR (rawnl.py). Nothing here changes the kernel."""
+FDB and neighbour entries on our VXLAN devices, the static entries of our bridges' FDBs, and every job
+namespace file in netns_dir with the config and the neighbour entries of its eth0 (read through a netlink
+socket opened inside it). Dumps retry on NLM_F_DUMP_INTR (rawnl.py). Nothing here changes the kernel."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from nodeagent.kernel import rawnl
 from nodeagent.kernel.errors import InvalidArgument, KernelError, NotFound
 from nodeagent.kernel.model import (
     BridgeAttrs,
+    BridgeFdbEntry,
     FdbEntry,
     JobIface,
     JobNs,
@@ -53,32 +54,52 @@ def _link(rec: rawnl.LinkInfo, by_index: dict[int, str]) -> Link:
                              forward_delay=rawnl.u32(d.get(IFLA_BR_FORWARD_DELAY)),
                              mcast_snooping=bool(rawnl.u32(d.get(IFLA_BR_MCAST_SNOOPING))),
                              mcast_querier=bool(rawnl.u32(d.get(IFLA_BR_MCAST_QUERIER))))
-    return Link(rec.ifname, rec.kind, rec.mtu, rec.up, by_index.get(rec.master, ""), vxlan=vxlan, bridge=bridge)
+    # The bridge port flag learning is ours on job ports only (off); the VXLAN device's port keeps the default.
+    learning = rec.learning if rec.kind == "veth" else None
+    return Link(rec.ifname, rec.kind, rec.mtu, rec.up, by_index.get(rec.master, ""), vxlan=vxlan, bridge=bridge,
+                learning=learning)
 
 
 def observe_node(netns: str) -> tuple[Observed, dict[str, int]]:
     """Our links, FDB and neighbour entries in the calling thread's (the agent's) namespace; also every
     link's ifindex by name (ours and the underlay's), for the applier. Raw dumps: with hundreds of job
-    veths and thousands of entries, pyroute2's message parsing would dominate a full reconcile."""
+    veths and thousands of entries, pyroute2's message parsing would dominate a full reconcile. One FDB dump
+    gives both the VXLAN devices' own entries (NTF_SELF, with a dst) and our bridges' (static entries on
+    their ports: ifindex = the port, no NTF_SELF, state NUD_NOARP exactly; local entries are NUD_PERMANENT,
+    learned ones REACHABLE/STALE)."""
     obs = Observed()
     with rawnl.route_socket() as sock:
         recs = rawnl.links(sock, netns)
         by_index = {r.index: r.ifname for r in recs}
         vx_index: dict[int, str] = {}
+        bridges = {r.index for r in recs if r.kind == "bridge" and names.is_ours(r.ifname)}
+        ports: dict[int, tuple[str, str]] = {}  # ifindex -> (bridge, port) of every port of our bridges
         for r in recs:
             if names.is_ours(r.ifname):
                 obs.links[r.ifname] = _link(r, by_index)
                 if r.kind == "vxlan":
                     vx_index[r.index] = r.ifname
-        if vx_index:
-            for f in rawnl.neighbours(sock, rawnl.AF_BRIDGE, netns):
-                dev = vx_index.get(f.ifindex)
-                if dev is not None and f.dst and f.flags & rawnl.NTF_SELF:
-                    e = FdbEntry(dev, f.mac, f.dst, bool(f.state & rawnl.NUD_PERMANENT))
-                    obs.fdb[fdb_key(e)] = e
-            for n in rawnl.neighbours(sock, socket.AF_INET, netns):
-                dev = vx_index.get(n.ifindex)
-                if dev is not None and n.dst:
+            if r.master in bridges:
+                ports[r.index] = (by_index[r.master], r.ifname)
+        if vx_index or ports:
+            def ours(ifindex: int, state: int, flags: int) -> bool:
+                if flags & rawnl.NTF_SELF:
+                    return ifindex in vx_index
+                return state == rawnl.BRIDGE_FDB_STATIC and ifindex in ports
+
+            for f in rawnl.neighbours(sock, rawnl.AF_BRIDGE, netns, ours):
+                if f.flags & rawnl.NTF_SELF:
+                    if f.dst:
+                        dev = vx_index[f.ifindex]
+                        e = FdbEntry(dev, f.mac, f.dst, bool(f.state & rawnl.NUD_PERMANENT))
+                        obs.fdb[fdb_key(e)] = e
+                elif not f.vlan:
+                    bridge, port = ports[f.ifindex]
+                    obs.bridge_fdb[(bridge, f.mac)] = BridgeFdbEntry(bridge, f.mac, port,
+                                                                     bool(f.flags & rawnl.NTF_STICKY))
+            for n in rawnl.neighbours(sock, socket.AF_INET, netns, lambda ifindex, state, flags: ifindex in vx_index):
+                dev = vx_index[n.ifindex]
+                if n.dst:
                     obs.neigh[(dev, n.dst)] = NeighEntry(dev, n.dst, n.mac, bool(n.state & rawnl.NUD_PERMANENT))
     return obs, {r.ifname: r.index for r in recs}
 

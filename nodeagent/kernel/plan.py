@@ -5,16 +5,19 @@ and by the reconciler to keep its model current without reading the kernel).
 Step order, and why:
   1. DeleteJobNetwork, DeleteLink(job veth)  - jobs no longer wanted (or broken) go first: they free bridge
                                                ports; a stray veth must go before its job is made anew.
-  2. DeleteNeigh, DeleteFdb, DeleteJobNeigh  - stale entries on devices that stay (entries on devices that
-                                               go die with them).
+  2. DeleteNeigh, DeleteFdb, DeleteBridgeFdb, - stale entries on devices that stay (entries on devices that
+     DeleteJobNeigh                            go die with them: a port's bridge FDB entries die with it).
   3. DeleteLink(vxlan), then DeleteLink(bridge) - groups gone, or malformed devices to recreate: a port
                                                before its master.
   4. CreateBridge / SetLink(bridge)          - the bridge is the master of everything below.
   5. CreateVxlan / SetLink(vxlan)            - enslaved to its bridge at creation.
   6. AddFloodEntry, ReplaceFdb, ReplaceNeigh - need the vxlan device; peers are reachable before our jobs
                                                start.
-  7. CreateJobNetwork / ConfigureJob         - need the bridge.
-  8. ReplaceJobNeigh                         - need the job's eth0 (made or configured anew in 7: that
+  7. CreateJobNetwork / ConfigureJob /      - need the bridge.
+     SetJobPort
+  8. ReplaceBridgeFdb                        - need the job's port on its bridge (a veth made in 7 gets its
+                                               entry whatever the model says).
+  9. ReplaceJobNeigh                         - need the job's eth0 (made or configured anew in 7: that
                                                flushes its entries, so such a job gets all of them).
 The creates are planned against the model as it will be after the deletes (`advance`), so whatever hangs
 off a recreated device (its entries, its ports' master) is planned anew.
@@ -33,6 +36,7 @@ from nodeagent.desired import DesiredState, GroupSpec, LocalJob, RemoteEndpoint
 from nodeagent.kernel.model import (
     ZERO_MAC,
     BridgeAttrs,
+    BridgeFdbEntry,
     FdbEntry,
     JobIface,
     JobNs,
@@ -49,15 +53,18 @@ from nodeagent.kernel.steps import (
     CreateBridge,
     CreateJobNetwork,
     CreateVxlan,
+    DeleteBridgeFdb,
     DeleteFdb,
     DeleteJobNeigh,
     DeleteJobNetwork,
     DeleteLink,
     DeleteNeigh,
     JobNetSpec,
+    ReplaceBridgeFdb,
     ReplaceFdb,
     ReplaceJobNeigh,
     ReplaceNeigh,
+    SetJobPort,
     SetLink,
     Step,
 )
@@ -77,7 +84,9 @@ def vxlan_link(ifname: str, vni: int, bridge: str, mtu: int, settings: NetSettin
 
 
 def host_veth_link(spec: JobNetSpec) -> Link:
-    return Link(spec.host_ifname, "veth", spec.mtu, True, spec.bridge)
+    """Learning off: the bridge never learns a MAC from a job's frames, so a job cannot move another job's
+    entry (nor fill the FDB) by sending from its MAC; each job's own MAC is a static entry (BridgeFdbEntry)."""
+    return Link(spec.host_ifname, "veth", spec.mtu, True, spec.bridge, learning=False)
 
 
 def job_ns(spec: JobNetSpec) -> JobNs:
@@ -87,6 +96,7 @@ def job_ns(spec: JobNetSpec) -> JobNs:
 
 FdbKey = tuple[str, str, str]
 NeighKey = tuple[str, str]
+BridgeFdbKey = tuple[str, str]  # (bridge, mac)
 PeerKey = tuple[str, bytes]  # (group, packed IP)
 HOST_VETH_PREFIX = names.host_veth("")
 MAC_RE = re.compile(r"[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}")
@@ -102,6 +112,10 @@ class Wanted:
     fdb: dict[FdbKey, FdbEntry] = field(default_factory=dict)
     neigh: dict[NeighKey, NeighEntry] = field(default_factory=dict)
     jobs: dict[str, JobNetSpec] = field(default_factory=dict)
+    bridge_fdb: dict[BridgeFdbKey, BridgeFdbEntry] = field(default_factory=dict)  # each local job's MAC
+    # The local jobs (with a network) of each MAC on each bridge: one, unless the controller gave two jobs of a
+    # group on this node one MAC; then the smallest job id gets the entry (the other is unreachable).
+    bridge_claims: dict[BridgeFdbKey, set[str]] = field(default_factory=dict)
     veth_jobs: dict[str, str] = field(default_factory=dict)  # host veth name -> job id
     rejected: dict[str, str] = field(default_factory=dict)  # job id -> why it gets no network
     flood_refs: dict[FdbKey, int] = field(default_factory=dict)  # flood entry -> endpoints needing it
@@ -125,6 +139,7 @@ class Keys:
     links: set[str] = field(default_factory=set)
     fdb: set[FdbKey] = field(default_factory=set)
     neigh: set[NeighKey] = field(default_factory=set)
+    bridge_fdb: set[BridgeFdbKey] = field(default_factory=set)
     jobs: set[str] = field(default_factory=set)  # also: compare all of these jobs' neighbour entries
     peers: set[PeerKey] = field(default_factory=set)  # compare this entry in every job of the group
 
@@ -183,6 +198,16 @@ def _unclaim(w: Wanted, group: str, claimant: str, ip: str, keys: Keys) -> None:
     _settle(w, key, keys)
 
 
+def _settle_bridge_fdb(w: Wanted, key: BridgeFdbKey) -> None:
+    claims = w.bridge_claims.get(key)
+    if claims:
+        bridge, mac = key
+        w.bridge_fdb[key] = BridgeFdbEntry(bridge, mac, w.jobs[min(claims)].host_ifname)
+    else:
+        w.bridge_claims.pop(key, None)
+        w.bridge_fdb.pop(key, None)
+
+
 def _add_job(w: Wanted, job: LocalJob, desired: DesiredState, keys: Keys | None) -> None:
     group = desired.groups.get(job.group)
     if group is None:
@@ -199,9 +224,13 @@ def _add_job(w: Wanted, job: LocalJob, desired: DesiredState, keys: Keys | None)
     with contextlib.suppress(ValueError):  # else its network cannot be made (CreateJobNetwork says why)
         w.job_ip[job.id] = ipaddress.IPv4Address(job.ip).packed
     _claim(w, group.name, "0" + job.id, job.ip, spec.mac, keys)
+    bkey = (spec.bridge, spec.mac)
+    w.bridge_claims.setdefault(bkey, set()).add(job.id)
+    _settle_bridge_fdb(w, bkey)
     if keys is not None:
         keys.jobs.add(job.id)
         keys.links.add(spec.host_ifname)
+        keys.bridge_fdb.add(bkey)
 
 
 def _remove_job(w: Wanted, job_id: str, keys: Keys) -> None:
@@ -216,6 +245,10 @@ def _remove_job(w: Wanted, job_id: str, keys: Keys) -> None:
         w.group_jobs[group].discard(job_id)
         w.job_ip.pop(job_id, None)
         _unclaim(w, group, "0" + job_id, spec.ip, keys)
+        bkey = (spec.bridge, spec.mac)
+        w.bridge_claims.get(bkey, set()).discard(job_id)
+        _settle_bridge_fdb(w, bkey)
+        keys.bridge_fdb.add(bkey)
 
 
 def _endpoint_entries(ep: RemoteEndpoint, desired: DesiredState,
@@ -323,7 +356,9 @@ def plan_wanted(want: Wanted, observed: Observed, settings: NetSettings, keys: K
     reconcile passes the keys `update_wanted` touched: its cost is O(change)."""
     if keys is None:
         keys = Keys(links=set(observed.links) | set(want.links), fdb=set(observed.fdb) | set(want.fdb),
-                    neigh=set(observed.neigh) | set(want.neigh), jobs=set(observed.jobs) | set(want.jobs))
+                    neigh=set(observed.neigh) | set(want.neigh),
+                    bridge_fdb=set(observed.bridge_fdb) | set(want.bridge_fdb),
+                    jobs=set(observed.jobs) | set(want.jobs))
     deletes = _deletes(want, observed, keys)
     # The creates are planned against the model after the deletes of whole objects. Deleted entries do not
     # matter there: no create is planned for an entry that is not wanted.
@@ -377,6 +412,12 @@ def _deletes(want: Wanted, observed: Observed, keys: Keys) -> list[Step]:
         n = observed.neigh.get(nkey)
         if n is not None and n.dev not in doomed and nkey not in want.neigh:
             entries.append(DeleteNeigh(n.dev, n.ip, n.mac))
+    # A bridge FDB entry dies with its port or bridge (the veth of a job whose namespace goes too).
+    gone = doomed | {s.host_ifname for s in jobs if isinstance(s, DeleteJobNetwork)}
+    for bkey in sorted(keys.bridge_fdb):
+        b = observed.bridge_fdb.get(bkey)
+        if b is not None and bkey not in want.bridge_fdb and b.port not in gone and b.bridge not in gone:
+            entries.append(DeleteBridgeFdb(b.bridge, b.port, b.mac))
     entries += _job_neigh_deletes(want, observed, keys)
     return jobs + entries + others + vxlans + bridges
 
@@ -417,12 +458,24 @@ def _creates(want: Wanted, have: Observed, keys: Keys) -> list[Step]:
             jobs.append(CreateJobNetwork(spec))
         elif host is None or ns.eth0 is None:
             jobs.append(ConfigureJob(spec, recreate_veth=True))
-        elif host != host_veth_link(spec) or ns != job_ns(spec):
+        elif ns != job_ns(spec):
             jobs.append(ConfigureJob(spec, recreate_veth=False))
+        elif host != host_veth_link(spec):
+            jobs.append(SetJobPort(spec))  # only the host end (e.g. its learning flag, its bridge recreated)
+    # A job whose veth is made in this plan gets its bridge FDB entry whatever the model says (a port
+    # attached anew to its bridge has none in the model: `advance`).
+    specs = [s.job for s in jobs if isinstance(s, (CreateJobNetwork, ConfigureJob, SetJobPort))]
+    fresh_ports = {s.job.host_ifname for s in jobs if isinstance(s, CreateJobNetwork) or (
+        isinstance(s, ConfigureJob) and s.recreate_veth)}
+    bridge_fdb: list[Step] = []
+    for bkey in sorted(keys.bridge_fdb.union((spec.bridge, spec.mac) for spec in specs)):
+        b = want.bridge_fdb.get(bkey)
+        if b is not None and (b.port in fresh_ports or have.bridge_fdb.get(bkey) != b):
+            bridge_fdb.append(ReplaceBridgeFdb(b.bridge, b.port, b.mac))
     # A job whose eth0 is made or configured in this plan has no neighbour entries afterwards (setting its
     # MAC flushes even permanent ones): it gets them all.
     fresh = {s.job.job_id for s in jobs if isinstance(s, (CreateJobNetwork, ConfigureJob))}
-    return bridges + vxlans + entries + jobs + _job_neigh_creates(want, have, keys, fresh)
+    return bridges + vxlans + entries + jobs + bridge_fdb + _job_neigh_creates(want, have, keys, fresh)
 
 
 # -- neighbour entries in job namespaces -----------------------------------------------------------
@@ -508,7 +561,9 @@ def advance(model: Observed, step: Step, settings: NetSettings) -> None:
             model.jobs.pop(job_id, None)
             model.job_neigh.pop(job_id, None)
             model.links.pop(host, None)
+            _drop_bridge_fdb(model, host)
         case DeleteLink(ifname=ifname):
+            _drop_bridge_fdb(model, ifname)
             link = model.links.pop(ifname, None)
             if link is None:
                 return
@@ -520,7 +575,7 @@ def advance(model: Observed, step: Step, settings: NetSettings) -> None:
             elif link.kind == "bridge":
                 for name, lk in list(model.links.items()):
                     if lk.master == ifname:
-                        model.links[name] = replace(lk, master="")
+                        model.links[name] = replace(lk, master="", learning=None)
             elif link.kind == "veth":
                 job_id = ifname[len(HOST_VETH_PREFIX):]
                 ns = model.jobs.get(job_id)
@@ -536,6 +591,12 @@ def advance(model: Observed, step: Step, settings: NetSettings) -> None:
             n = model.neigh.get((dev, ip))
             if n is not None and n.mac == mac:
                 del model.neigh[(dev, ip)]
+        case DeleteBridgeFdb(bridge=bridge, port=port, mac=mac):
+            b = model.bridge_fdb.get((bridge, mac))
+            if b is not None and b.port == port:
+                del model.bridge_fdb[(bridge, mac)]
+        case ReplaceBridgeFdb(bridge=bridge, port=port, mac=mac):
+            model.bridge_fdb[(bridge, mac)] = BridgeFdbEntry(bridge, mac, port)
         case DeleteJobNeigh(job_id=job_id, ip=ip):
             have = model.job_neigh.get(job_id)
             if have is not None:
@@ -557,7 +618,21 @@ def advance(model: Observed, step: Step, settings: NetSettings) -> None:
             model.fdb[fdb_key(e)] = e
         case ReplaceNeigh(dev=dev, ip=ip, mac=mac):
             model.neigh[(dev, ip)] = NeighEntry(dev, ip, mac)
+        case SetJobPort(job=spec):
+            _drop_bridge_fdb(model, spec.host_ifname, keep_bridge=spec.bridge)  # a port leaving a bridge loses them
+            model.links[spec.host_ifname] = host_veth_link(spec)
         case CreateJobNetwork(job=spec) | ConfigureJob(job=spec):
+            # A new veth has no bridge FDB entries; one moved to another bridge has none left on the old one.
+            moved = isinstance(step, ConfigureJob) and not step.recreate_veth
+            _drop_bridge_fdb(model, spec.host_ifname, keep_bridge=spec.bridge if moved else "")
             model.jobs[spec.job_id] = job_ns(spec)
             model.job_neigh[spec.job_id] = {}  # a new eth0, or one whose MAC was set: no entries
             model.links[spec.host_ifname] = host_veth_link(spec)
+
+
+def _drop_bridge_fdb(model: Observed, ifname: str, keep_bridge: str = "") -> None:
+    """The bridge FDB entries that go with link `ifname` (a port, or a bridge), but those on `keep_bridge`."""
+    if model.bridge_fdb:
+        for key in [k for k, b in model.bridge_fdb.items()
+                    if (b.port == ifname or b.bridge == ifname) and b.bridge != keep_bridge]:
+            del model.bridge_fdb[key]

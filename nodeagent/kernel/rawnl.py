@@ -1,7 +1,8 @@
 """Minimal raw rtnetlink for the two per-job hot paths: the setup batch and the observation of a job's
 namespace. Everything else goes through netlink.py (pyroute2).
 
-FDB and neighbour entries go the same way, many per datagram (a snapshot with thousands of remote jobs).
+FDB and neighbour entries go the same way, many per datagram (a snapshot with thousands of remote jobs),
+and so do a job port's attachment to its bridge (master, up, learning off) and its static bridge FDB entry.
 
 Setting up a job's namespace from inside it takes five requests (veth create, lo up, eth0 up, address,
 default route). Sent as ONE batch on a raw socket from the worker thread that made the namespace, they
@@ -18,6 +19,7 @@ import errno
 import ipaddress
 import socket
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from nodeagent.kernel.errors import DumpInterrupted, KernelError, from_errno
@@ -33,13 +35,15 @@ NLM_F_ACK_TLVS = 0x200  # in an ack: extended ack attributes follow
 NLMSGERR_ATTR_MSG = 1
 SOL_NETLINK, NETLINK_CAP_ACK, NETLINK_EXT_ACK = 270, 10, 11
 IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_MASTER, IFLA_LINKINFO, IFLA_NET_NS_FD = 1, 3, 4, 10, 18, 28
-IFLA_INFO_KIND, IFLA_INFO_DATA, VETH_INFO_PEER = 1, 2, 1
+IFLA_INFO_KIND, IFLA_INFO_DATA, IFLA_INFO_SLAVE_KIND, IFLA_INFO_SLAVE_DATA, VETH_INFO_PEER = 1, 2, 4, 5, 1
+IFLA_BRPORT_LEARNING = 8
 IFA_ADDRESS, IFA_LOCAL = 1, 2
 RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_TABLE = 1, 4, 5, 15
 IFF_UP = 0x1
 NDA_DST, NDA_LLADDR = 1, 2
 NUD_NOARP, NUD_PERMANENT = 0x40, 0x80
-NTF_SELF = 0x02
+NTF_SELF, NTF_MASTER, NTF_STICKY = 0x02, 0x04, 0x40
+NDA_VLAN = 5
 AF_BRIDGE = 7
 RT_TABLE_MAIN, RTPROT_STATIC, RT_SCOPE_UNIVERSE, RTN_UNICAST = 254, 4, 0, 1
 
@@ -85,6 +89,23 @@ def link_up(ifname: str, index: int) -> Request:
     return Request("set link up", ifname, RTM_NEWLINK, 0, _ifinfo(index, IFF_UP, IFF_UP))
 
 
+def port_attach(ifname: str, index: int, master: str, master_index: int, mtu: int = 0) -> Request:
+    """Link `index` onto bridge `master_index` (a no-op if it is there already) and up; also its MTU if given."""
+    body = _ifinfo(index, IFF_UP, IFF_UP) + _attr(IFLA_MASTER, struct.pack("=I", master_index))
+    if mtu:
+        body += _attr(IFLA_MTU, struct.pack("=I", mtu))
+    return Request("attach to bridge", f"{ifname} master {master}", RTM_NEWLINK, 0, body)
+
+
+def port_learning(ifname: str, index: int, learning: bool) -> Request:
+    """The bridge port flag `learning` of link `index` (a port of a bridge already: the flag belongs to the
+    port, so this cannot go in the request that makes it one)."""
+    data = _attr(IFLA_BRPORT_LEARNING, struct.pack("=B", learning))
+    info = _attr(IFLA_INFO_SLAVE_KIND, _str("bridge")) + _attr(IFLA_INFO_SLAVE_DATA, data)
+    return Request("set bridge port learning " + ("on" if learning else "off"), ifname, RTM_NEWLINK, 0,
+                   _ifinfo(index) + _attr(IFLA_LINKINFO, info))
+
+
 def addr_replace(ifname: str, index: int, ip: str, prefixlen: int) -> Request:
     packed = ipaddress.IPv4Address(ip).packed
     body = struct.pack("=BBBBi", socket.AF_INET, prefixlen, 0, 0, index) + _attr(IFA_LOCAL, packed) + _attr(
@@ -101,6 +122,9 @@ def default_route_replace(ifname: str, index: int, gateway: str) -> Request:
                    NLM_F_CREATE | NLM_F_REPLACE, body)
 
 
+_NDMSG = struct.Struct("=BxxxiHBB")
+
+
 def _ndmsg(family: int, ifindex: int, state: int, flags: int) -> bytes:
     return struct.pack("=BxxxiHBB", family, ifindex, state, flags, 0)
 
@@ -113,6 +137,19 @@ def fdb(op: str, dev: str, ifindex: int, mac: str, dst: str) -> Request:
                    "append": (RTM_NEWNEIGH, NLM_F_CREATE | NLM_F_APPEND),
                    "delete": (RTM_DELNEIGH, 0)}[op]
     return Request(f"{op} fdb", f"{mac} dst {dst} dev {dev}", kind, flags, body)
+
+
+BRIDGE_FDB_STATIC = NUD_NOARP  # "static" (NUD_PERMANENT would be "local": frames to it go to the host)
+
+
+def bridge_fdb(op: str, bridge: str, port: str, ifindex: int, mac: str) -> Request:
+    """A static, sticky entry `mac -> port` in the FDB of the bridge `port` (ifindex) is a port of: NTF_MASTER,
+    NUD_NOARP (never ages), NTF_STICKY (learning on another port never moves it); op: replace (also moves
+    the entry from another port and makes a dynamic one static) or delete (ENOENT unless it is on `port`)."""
+    flags = NTF_MASTER | (NTF_STICKY if op == "replace" else 0)
+    body = _ndmsg(AF_BRIDGE, ifindex, BRIDGE_FDB_STATIC, flags) + _attr(NDA_LLADDR, _mac(mac))
+    kind, nl_flags = {"replace": (RTM_NEWNEIGH, NLM_F_CREATE | NLM_F_REPLACE), "delete": (RTM_DELNEIGH, 0)}[op]
+    return Request(f"{op} bridge fdb", f"{mac} dev {port} master {bridge}", kind, nl_flags, body)
 
 
 def neigh(op: str, dev: str, ifindex: int, ip: str, mac: str) -> Request:
@@ -203,6 +240,7 @@ class LinkInfo:
     master: int = 0
     kind: str = ""
     data: dict[int, bytes] | None = None  # IFLA_INFO_DATA attributes by type (IFLA_VXLAN_*, IFLA_BR_*)
+    learning: bool | None = None  # the bridge port flag, when the link is a port of a bridge
 
 
 @dataclass(frozen=True)
@@ -231,8 +269,10 @@ def _attrs(data: bytes, off: int, end: int) -> dict[int, bytes]:
     return out
 
 
-def _dump(sock: socket.socket, kind: int, body: bytes, netns: str, what: str) -> list[tuple[bytes, dict[int, bytes]]]:
-    """[(fixed header, attributes)] of every message of one dump; retried when interrupted."""
+def _dump(sock: socket.socket, kind: int, body: bytes, netns: str, what: str,
+          keep: Callable[[bytes], bool] | None = None) -> list[tuple[bytes, dict[int, bytes]]]:
+    """[(fixed header, attributes)] of every message of one dump (that `keep` keeps, judging by the fixed
+    header alone: the others' attributes are not parsed); retried when interrupted."""
     hdr_len = len(body)
     for _ in range(DUMP_RETRIES):
         sock.send(struct.pack("=IHHII", 16 + len(body), kind, NLM_F_REQUEST | NLM_F_DUMP, 1, 0) + body)
@@ -253,7 +293,9 @@ def _dump(sock: socket.socket, kind: int, body: bytes, netns: str, what: str) ->
                     raise from_errno("dump", what, netns, -err)
                 else:
                     start = off + 16
-                    out.append((data[start:start + hdr_len], _attrs(data, start + hdr_len, off + length)))
+                    hdr = data[start:start + hdr_len]
+                    if keep is None or keep(hdr):
+                        out.append((hdr, _attrs(data, start + hdr_len, off + length)))
                 off += (length + 3) & ~3
         if not interrupted:
             return out
@@ -267,16 +309,27 @@ class NeighInfo:
     flags: int
     dst: str  # "" without NDA_DST (or not IPv4)
     mac: str
+    vlan: int = 0  # NDA_VLAN of a bridge FDB entry (0: none)
 
 
-def neighbours(sock: socket.socket, family: int, netns: str) -> list[NeighInfo]:
-    """Neighbour (AF_INET) or FDB (AF_BRIDGE) entries."""
+def neighbours(sock: socket.socket, family: int, netns: str,
+               keep: Callable[[int, int, int], bool] | None = None) -> list[NeighInfo]:
+    """Neighbour (AF_INET) or FDB (AF_BRIDGE) entries; those `keep(ifindex, state, flags)` keeps (a node's
+    FDB dump holds ~3 entries per bridge port that are the kernel's: only ours are worth parsing)."""
     out = []
     what = "fdb" if family == AF_BRIDGE else "neighbours"
-    for hdr, a in _dump(sock, RTM_GETNEIGH, _ndmsg(family, 0, 0, 0), netns, what):
-        _, ifindex, state, flags, _ = struct.unpack("=BxxxiHBB", hdr)
+    hdr_keep = None
+    if keep is not None:
+        def hdr_keep(hdr: bytes) -> bool:
+            _, ifindex, state, flags, _ = _NDMSG.unpack(hdr)
+            return keep(ifindex, state, flags)
+
+    for hdr, a in _dump(sock, RTM_GETNEIGH, _ndmsg(family, 0, 0, 0), netns, what, hdr_keep):
+        _, ifindex, state, flags, _ = _NDMSG.unpack(hdr)
+        vlan = a.get(NDA_VLAN, b"")
         out.append(NeighInfo(ifindex, state, flags, _ip(a.get(NDA_DST, b"")),
-                             ":".join(f"{b:02x}" for b in a.get(NDA_LLADDR, b""))))
+                             ":".join(f"{b:02x}" for b in a.get(NDA_LLADDR, b"")),
+                             struct.unpack("=H", vlan)[0] if len(vlan) == 2 else 0))
     return out
 
 
@@ -402,15 +455,32 @@ def links(sock: socket.socket, netns: str) -> list[LinkInfo]:
         _, _, index, flags, _ = struct.unpack("=BxHiII", hdr)
         mtu = struct.unpack("=I", a[IFLA_MTU])[0] if IFLA_MTU in a else 0
         master = struct.unpack("=I", a[IFLA_MASTER])[0] if IFLA_MASTER in a else 0
-        kind, data = "", None
+        kind, data, learning = "", None, None
         if IFLA_LINKINFO in a:
             info = _attrs(a[IFLA_LINKINFO], 0, len(a[IFLA_LINKINFO]))
             kind = info.get(IFLA_INFO_KIND, b"").rstrip(b"\0").decode()
             if IFLA_INFO_DATA in info:
                 data = _attrs(info[IFLA_INFO_DATA], 0, len(info[IFLA_INFO_DATA]))
+            if info.get(IFLA_INFO_SLAVE_KIND) == b"bridge\0" and IFLA_INFO_SLAVE_DATA in info:
+                flag = _find_attr(info[IFLA_INFO_SLAVE_DATA], IFLA_BRPORT_LEARNING)
+                learning = None if flag is None else bool(flag[:1] != b"\0")
         out.append(LinkInfo(index, a.get(IFLA_IFNAME, b"").rstrip(b"\0").decode(), bool(flags & IFF_UP), mtu,
-                            ":".join(f"{b:02x}" for b in a.get(IFLA_ADDRESS, b"")), master, kind, data))
+                            ":".join(f"{b:02x}" for b in a.get(IFLA_ADDRESS, b"")), master, kind, data, learning))
     return out
+
+
+def _find_attr(data: bytes, kind: int) -> bytes | None:
+    """The payload of the first attribute of type `kind` in `data` (a bridge port's ~40 attributes: the
+    flags come early, so this stops long before a full parse would)."""
+    off = 0
+    while off + 4 <= len(data):
+        length, k = struct.unpack_from("=HH", data, off)
+        if length < 4:
+            break
+        if k & 0x3FFF == kind:
+            return data[off + 4:off + length]
+        off += (length + 3) & ~3
+    return None
 
 
 def addrs(sock: socket.socket, netns: str) -> list[AddrInfo]:

@@ -38,9 +38,11 @@ from nodeagent.kernel.steps import (
     CreateVxlan,
     DeleteFdb,
     DeleteNeigh,
+    ReplaceBridgeFdb,
     ReplaceFdb,
     ReplaceJobNeigh,
     ReplaceNeigh,
+    SetJobPort,
     SetLink,
     Step,
 )
@@ -60,26 +62,30 @@ def _needs(step: Step) -> tuple[str, ...]:
         case AddFloodEntry(dev=dev) | ReplaceFdb(dev=dev) | ReplaceNeigh(dev=dev) | DeleteFdb(dev=dev) | DeleteNeigh(
                 dev=dev):
             return (dev,)
-        case CreateJobNetwork(job=spec) | ConfigureJob(job=spec):
+        case CreateJobNetwork(job=spec) | ConfigureJob(job=spec) | SetJobPort(job=spec):
             return (spec.bridge,)
+        case ReplaceBridgeFdb(bridge=bridge, port=port):
+            return (bridge, port)
         case ReplaceJobNeigh(netns=netns):
             return (netns,)
     return ()
 
 
-def _makes(step: Step) -> str:
-    """The device or job namespace (with its eth0) a step makes (that later steps may need)."""
+def _makes(step: Step) -> tuple[str, ...]:
+    """The devices and job namespace (with its eth0) a step makes (that later steps may need)."""
     match step:
         case CreateBridge(ifname=ifname) | CreateVxlan(ifname=ifname):
-            return ifname
+            return (ifname,)
         case CreateJobNetwork(job=spec) | ConfigureJob(job=spec):
-            return spec.netns
-    return ""
+            return (spec.netns, spec.host_ifname)
+        case SetJobPort(job=spec):
+            return (spec.host_ifname,)
+    return ()
 
 
 def _batch(step: Step) -> int:
-    """Steps of the same batch kind in a row are applied together: 1 entries on our VXLAN devices, 2
-    neighbour entries in job namespaces; 0: one by one."""
+    """Steps of the same batch kind in a row are applied together: 1 entries on our VXLAN devices and
+    bridges, 2 neighbour entries in job namespaces; 0: one by one."""
     return 1 if isinstance(step, ENTRY_STEPS) else 2 if isinstance(step, JOB_NEIGH_STEPS) else 0
 
 
@@ -190,9 +196,7 @@ class NetworkReconciler:
                 return
             log.warning("network step %s failed: %s", step, error)
             failures.append(StepFailed(step, error))
-            made = _makes(step)
-            if made:
-                broken.add(made)
+            broken.update(_makes(step))
 
         i = 0
         while i < len(steps):
@@ -207,8 +211,7 @@ class NetworkReconciler:
                 missing = [d for d in _needs(step) if d in broken]
                 if missing:
                     failures.append(StepFailed(step, DependencyFailed(f"{', '.join(missing)} could not be made")))
-                    if _makes(step):
-                        broken.add(_makes(step))
+                    broken.update(_makes(step))
                 else:
                     todo.append(step)
             i = end

@@ -96,6 +96,25 @@ class ReplaceNeigh:
 
 
 @dataclass(frozen=True)
+class ReplaceBridgeFdb:
+    """The static, sticky entry `mac -> port` in the FDB of `bridge` (a local job's MAC on its veth): a frame
+    for a job goes to its port only, never flooded, whether or not the job ever sent anything."""
+
+    bridge: str
+    port: str
+    mac: str
+
+
+@dataclass(frozen=True)
+class DeleteBridgeFdb:
+    """A static entry of one of our bridges that no job needs (on `port`, where it is)."""
+
+    bridge: str
+    port: str
+    mac: str
+
+
+@dataclass(frozen=True)
 class ReplaceJobNeigh:
     """A permanent neighbour entry `ip -> mac` on eth0 in a job's namespace `netns`: a peer of its group
     (another local job, or a remote endpoint). The job never has to ARP for it."""
@@ -122,6 +141,14 @@ class CreateJobNetwork:
 
 
 @dataclass(frozen=True)
+class SetJobPort:
+    """Bring the host end of a job's veth back to its spec (onto its bridge, up, MTU, bridge port learning
+    off) when only it drifted: the job's namespace, its eth0 and its neighbour entries are left alone."""
+
+    job: JobNetSpec
+
+
+@dataclass(frozen=True)
 class ConfigureJob:
     """Bring an existing job namespace back to its spec; recreate_veth when an end of the veth is gone."""
 
@@ -129,6 +156,6 @@ class ConfigureJob:
     recreate_veth: bool
 
 
-Step = (DeleteJobNetwork | DeleteLink | DeleteNeigh | DeleteFdb | DeleteJobNeigh | CreateBridge
+Step = (DeleteJobNetwork | DeleteLink | DeleteNeigh | DeleteFdb | DeleteBridgeFdb | DeleteJobNeigh | CreateBridge
         | CreateVxlan | SetLink | AddFloodEntry | ReplaceFdb | ReplaceNeigh | CreateJobNetwork | ConfigureJob
-        | ReplaceJobNeigh)
+        | SetJobPort | ReplaceBridgeFdb | ReplaceJobNeigh)

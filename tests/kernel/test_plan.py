@@ -9,7 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from nodeagent.desired import DesiredState, GroupSpec, LocalJob, RemoteEndpoint
-from nodeagent.kernel.model import FdbEntry, JobNs, NeighEntry, NetSettings, Observed
+from nodeagent.kernel.model import BridgeFdbEntry, FdbEntry, JobNs, NeighEntry, NetSettings, Observed
 from nodeagent.kernel.plan import advance, plan, plan_wanted, update_wanted, wanted
 from nodeagent.kernel.steps import (
     AddFloodEntry,
@@ -17,14 +17,17 @@ from nodeagent.kernel.steps import (
     CreateBridge,
     CreateJobNetwork,
     CreateVxlan,
+    DeleteBridgeFdb,
     DeleteFdb,
     DeleteJobNeigh,
     DeleteJobNetwork,
     DeleteLink,
     DeleteNeigh,
+    ReplaceBridgeFdb,
     ReplaceFdb,
     ReplaceJobNeigh,
     ReplaceNeigh,
+    SetJobPort,
     SetLink,
     Step,
 )
@@ -134,7 +137,10 @@ def test_recreated_bridge_gets_its_ports_back() -> None:
     steps = converge(d, model)
     assert steps[:2] == [DeleteLink("jnb100"), CreateBridge("jnb100", 1450)]
     assert SetLink("jnx100", 1450, "jnb100", True) in steps
-    assert any(isinstance(s, ConfigureJob) and not s.recreate_veth for s in steps)
+    # the job's port is attached again (and gets its static FDB entry again); its namespace is left alone
+    assert SetJobPort(steps[-2].job) in steps and steps[-1] == ReplaceBridgeFdb(  # type: ignore[union-attr]
+        "jnb100", f"jnv{job(1).id}", job(1).mac)
+    assert not any(isinstance(s, (ConfigureJob, ReplaceJobNeigh)) for s in steps)
 
 
 def test_job_drift_repaired() -> None:
@@ -161,7 +167,8 @@ def test_stray_job_veth_without_namespace_is_deleted_before_the_job_is_made() ->
     converge(d, model)
     del model.jobs[job(1).id]  # namespace file gone, veth still there (a process pins the namespace)
     steps = plan(d, model, S)
-    assert steps == [DeleteLink(f"jnv{job(1).id}"), CreateJobNetwork(steps[1].job)]  # type: ignore[union-attr]
+    assert steps == [DeleteLink(f"jnv{job(1).id}"), CreateJobNetwork(steps[1].job),  # type: ignore[union-attr]
+                     ReplaceBridgeFdb("jnb100", f"jnv{job(1).id}", job(1).mac)]  # the old veth's died with it
 
 
 def test_group_mtu_change_repairs_devices_and_jobs() -> None:
@@ -250,7 +257,7 @@ def test_a_peer_that_comes_or_goes_costs_one_entry_per_job_of_its_group() -> Non
     keys = update_wanted(want, prev, cur, S)
     assert keys is not None
     steps = plan_wanted(want, model, S, keys)
-    assert [type(s) for s in steps] == [CreateJobNetwork] + [ReplaceJobNeigh] * (2 * n - 1)
+    assert [type(s) for s in steps] == [CreateJobNetwork, ReplaceBridgeFdb] + [ReplaceJobNeigh] * (2 * n - 1)
     assert {s for s in steps if isinstance(s, ReplaceJobNeigh) and s.job_id != job(n).id} == {
         jn(j.id, job(n)) for j in jobs}
     for s in steps:
@@ -313,3 +320,99 @@ def test_malformed_peer_gets_no_entries_and_is_reported() -> None:
     w = wanted(state([GA], [job(1)], [bad, ep(2, 2)]), S)
     assert set(w.bad_peers) == {"1" + bad.job_id} and "02:zz" in w.bad_peers["1" + bad.job_id]
     assert [ipaddress.IPv4Address(x).packed for x in (job(1).ip, ep(2, 2).ip)] == sorted(w.peers["a"])
+
+
+# -- static bridge FDB entries of local jobs ---------------------------------------------------------
+
+
+def bfdb(j: LocalJob, group: GroupSpec = GA) -> BridgeFdbEntry:
+    return BridgeFdbEntry(f"jnb{group.vni}", j.mac, f"jnv{j.id}")
+
+
+def test_every_local_job_gets_a_static_bridge_fdb_entry_on_its_port_which_dies_with_it() -> None:
+    d = state([GA, GB], [job(1), job(2), job(3, GB)], [ep(1, 2), ep(2, 3, GB)])
+    model = Observed()
+    steps = converge(d, model)
+    got = [s for s in steps if isinstance(s, ReplaceBridgeFdb)]
+    want = (bfdb(job(1)), bfdb(job(2)), bfdb(job(3, GB), GB))
+    assert got == [ReplaceBridgeFdb(b.bridge, b.port, b.mac) for b in want]
+    kinds = [type(s) for s in steps]
+    # after the job networks (the ports), before the job namespaces' neighbour entries; in one run (one batch)
+    first = kinds.index(ReplaceBridgeFdb)
+    assert max(i for i, k in enumerate(kinds) if k is CreateJobNetwork) < first
+    assert kinds[first:first + 3] == [ReplaceBridgeFdb] * 3 and kinds.index(ReplaceJobNeigh) == first + 3
+    assert model.bridge_fdb == {(b.bridge, b.mac): b for b in want}
+    assert all(model.links[f"jnv{j.id}"].learning is False for j in (job(1), job(2), job(3, GB)))
+    assert plan(d, model, S) == []
+    # A job goes: its entry goes with its veth (no step); the model agrees.
+    steps = converge(state([GA, GB], [job(1), job(3, GB)], [ep(1, 2), ep(2, 3, GB)]), model)
+    assert not any(isinstance(s, (DeleteBridgeFdb, ReplaceBridgeFdb)) for s in steps)
+    assert set(model.bridge_fdb) == {("jnb100", job(1).mac), ("jnb200", job(3, GB).mac)}
+    # A group goes: so do its bridge and every entry on it.
+    converge(state([GB], [job(3, GB)], [ep(2, 3, GB)]), model)
+    assert set(model.bridge_fdb) == {("jnb200", job(3, GB).mac)}
+
+
+def test_bridge_fdb_drift_is_repaired_and_strangers_removed() -> None:
+    d = state([GA], [job(1), job(2), job(3)], [ep(1, 2)])
+    model = Observed()
+    converge(d, model)
+    j1, j2, j3 = job(1), job(2), job(3)
+    del model.bridge_fdb[("jnb100", j1.mac)]  # deleted by hand (or made dynamic: observe keeps static ones only)
+    model.bridge_fdb[("jnb100", j2.mac)] = replace(bfdb(j2), port=f"jnv{j3.id}")  # on the wrong port
+    model.bridge_fdb[("jnb100", j3.mac)] = replace(bfdb(j3), sticky=False)  # learning could move it
+    stranger = BridgeFdbEntry("jnb100", "02:aa:00:00:00:01", f"jnv{j1.id}")  # a static entry no job needs
+    on_vxlan = BridgeFdbEntry("jnb100", "02:aa:00:00:00:02", "jnx100")
+    for b in (stranger, on_vxlan):
+        model.bridge_fdb[(b.bridge, b.mac)] = b
+    steps = plan(d, model, S)
+    assert sorted(map(repr, steps)) == sorted(map(repr, [
+        ReplaceBridgeFdb("jnb100", f"jnv{j1.id}", j1.mac), ReplaceBridgeFdb("jnb100", f"jnv{j2.id}", j2.mac),
+        ReplaceBridgeFdb("jnb100", f"jnv{j3.id}", j3.mac), DeleteBridgeFdb("jnb100", f"jnv{j1.id}", stranger.mac),
+        DeleteBridgeFdb("jnb100", "jnx100", on_vxlan.mac)]))
+    for s in steps:
+        advance(model, s, S)
+    assert plan(d, model, S) == []
+    # Learning turned on by hand on a job's port: only the port is set again; its entry stays (same bridge).
+    model.links[f"jnv{j1.id}"] = replace(model.links[f"jnv{j1.id}"], learning=True)
+    steps = plan(d, model, S)
+    assert steps == [SetJobPort(wanted(d, S).jobs[j1.id])]
+    for s in steps:
+        advance(model, s, S)
+    assert plan(d, model, S) == []
+    # A stranger on the port of a job that goes is not deleted: it dies with the veth.
+    model.bridge_fdb[(stranger.bridge, stranger.mac)] = stranger
+    steps = plan(state([GA], [job(2), job(3)], [ep(1, 2)]), model, S)
+    assert [type(s) for s in steps] == [DeleteJobNetwork, DeleteJobNeigh, DeleteJobNeigh]  # j1 from j2 and j3
+    for s in steps:
+        advance(model, s, S)
+    assert ("jnb100", stranger.mac) not in model.bridge_fdb
+
+
+def test_a_recreated_bridge_or_veth_gets_its_entries_again() -> None:
+    model = Observed()
+    d = state([GA], [job(1)], [])
+    converge(d, model)
+    br = model.links["jnb100"]
+    assert br.bridge is not None
+    model.links["jnb100"] = replace(br, bridge=replace(br.bridge, stp=True))
+    steps = converge(d, model)
+    assert ReplaceBridgeFdb("jnb100", f"jnv{job(1).id}", job(1).mac) in steps
+    del model.links[f"jnv{job(1).id}"]  # veth deleted by hand
+    steps = converge(d, model)
+    assert [type(s) for s in steps] == [ConfigureJob, ReplaceBridgeFdb]
+
+
+def test_two_local_jobs_with_one_mac_the_smallest_job_id_gets_the_entry() -> None:
+    twin = replace(job(2), mac=job(1).mac)
+    d1 = state([GA], [job(1), twin], [])
+    model = Observed()
+    converge(d1, model)
+    assert model.bridge_fdb == {("jnb100", job(1).mac): bfdb(job(1))}
+    want = wanted(d1, S)
+    d2 = state([GA], [twin], [], 2)
+    keys = update_wanted(want, d1, d2, S)
+    assert keys is not None
+    steps = plan_wanted(want, model, S, keys)
+    assert ReplaceBridgeFdb("jnb100", f"jnv{twin.id}", twin.mac) in steps
+    assert sorted(map(repr, steps)) == sorted(map(repr, plan(d2, model, S)))

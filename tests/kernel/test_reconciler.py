@@ -21,11 +21,14 @@ from nodeagent.kernel.errors import DependencyFailed, NotFound, ReconcileError
 from nodeagent.kernel.steps import (
     ConfigureJob,
     CreateVxlan,
+    DeleteBridgeFdb,
     DeleteJobNeigh,
     DeleteJobNetwork,
+    ReplaceBridgeFdb,
     ReplaceFdb,
     ReplaceJobNeigh,
     ReplaceNeigh,
+    SetJobPort,
 )
 
 from .conftest import CLONE_NEWNET, Node, World, _libc, sh
@@ -62,6 +65,27 @@ def fdb(node: Node, dev: str) -> set[tuple[str, str]]:
             assert "permanent" in e.get("state", ""), e
             out.add((e["mac"], e["dst"]))
     return out
+
+
+def bridge_static(node: Node, bridge: str) -> dict[str, tuple[str, bool]]:
+    """The static entries of a bridge's FDB: mac -> (port, sticky)."""
+    out = {}
+    for e in json.loads(sh("bridge", "-n", node.netns, "-j", "fdb", "show", "br", bridge).stdout):
+        if e.get("master") == bridge and e.get("state") == "static":
+            assert e["mac"] not in out
+            out[e["mac"]] = (e["ifname"], "sticky" in e.get("flags", []))
+    return out
+
+
+def local_static(w: World, node: Node, group: str) -> dict[str, tuple[str, bool]]:
+    """What a group's bridge on `node` should hold: each local job's MAC on its port, sticky."""
+    return {job.mac: (f"jnv{job.id}", True) for g, job in node.jobs.values() if g == group}
+
+
+def learning(node: Node, ifname: str) -> bool:
+    found = link(node, ifname)
+    assert found is not None and found["linkinfo"]["info_slave_kind"] == "bridge", found
+    return bool(found["linkinfo"]["info_slave_data"]["learning"])
 
 
 def neigh(node: Node, dev: str) -> set[tuple[str, str]]:
@@ -128,6 +152,7 @@ def test_two_nodes_converge_with_the_right_devices_entries_and_job_networks(worl
         host = link(node, f"jnv{job.id}")
         assert host is not None and host["master"] == f"jnb{vni}" and host["mtu"] == mtu and "UP" in host["flags"]
         assert not [a for a in node.ip("addr", "show", "dev", f"jnv{job.id}")[0]["addr_info"] if a["family"] == "inet6"]
+        assert learning(node, f"jnv{job.id}") is False  # the bridge learns nothing from a job's frames
         addrs = json.loads(node.in_job(job.id, "ip", "-j", "addr", "show").stdout)
         eth0 = next(a for a in addrs if a["ifname"] == "eth0")
         lo = next(a for a in addrs if a["ifname"] == "lo")
@@ -138,6 +163,16 @@ def test_two_nodes_converge_with_the_right_devices_entries_and_job_networks(worl
         v6 = node.in_job(job.id, "cat", "/proc/sys/net/ipv6/conf/all/disable_ipv6",
                          "/proc/sys/net/ipv6/conf/default/disable_ipv6", "/proc/sys/net/ipv6/conf/eth0/disable_ipv6")
         assert v6.stdout.split() == ["1", "1", "1"]
+
+    # Each local job's MAC is a static, sticky entry of its group's bridge on its port (never flooded to);
+    # nothing else is static there. The VXLAN device's port keeps learning.
+    for node in (n1, n2):
+        for group in world.groups.values():
+            if link(node, f"jnb{group.vni}") is not None:
+                assert bridge_static(node, f"jnb{group.vni}") == local_static(world, node, group.name)
+                assert learning(node, f"jnx{group.vni}") is True
+    assert bridge_static(n2, "jnb100") == {j["a2"].mac: (f"jnv{j['a2'].id}", True),
+                                           j["a3"].mac: (f"jnv{j['a3'].id}", True)}
 
     # Every job has a permanent neighbour entry for every other job of its group: local (a2 <-> a3 on n2)
     # and remote ones; c1 is alone in its group.
@@ -181,7 +216,10 @@ def test_full_reconcile_repairs_drift(world: World) -> None:
     # permanent ones): both get all of their peers again.
     assert {(s.job_id, s.ip, s.mac) for s in steps["n2"] if isinstance(s, ReplaceJobNeigh)} == {
         (j[a].id, j[b].ip, j[b].mac) for a, b in (("a2", "a1"), ("a2", "a3"), ("a3", "a1"), ("a3", "a2"))}
-    assert len(steps["n2"]) == 6
+    # a2's veth is new: its static bridge FDB entry died with the old one (a3's port kept its own)
+    assert [s for s in steps["n2"] if isinstance(s, ReplaceBridgeFdb)] == [
+        ReplaceBridgeFdb("jnb100", f"jnv{j['a2'].id}", j["a2"].mac)]
+    assert len(steps["n2"]) == 7
     assert job_neigh(n2, j["a3"].id) == {j["a1"].ip: (j["a1"].mac, ["PERMANENT"]),
                                          j["a2"].ip: (j["a2"].mac, ["PERMANENT"])}
     assert (j["a2"].mac, "198.18.0.2") in fdb(n1, "jnx100")
@@ -312,8 +350,8 @@ def test_namespace_pinned_by_a_process_loses_its_veth_on_the_next_full_reconcile
         # the job comes back (same id): made anew, although the old namespace still exists; it gets its
         # peers (a2, a3 remote, a4 local), a4 gets it
         n1.jobs[j["a1"].id] = ("a", j["a1"])
-        assert [type(s).__name__ for s in n1.reconcile(world.desired("n1"))] == ["CreateJobNetwork"] + [
-            "ReplaceJobNeigh"] * 4
+        assert [type(s).__name__ for s in n1.reconcile(world.desired("n1"))] == [
+            "CreateJobNetwork", "ReplaceBridgeFdb"] + ["ReplaceJobNeigh"] * 4
         assert n1.reconcile(world.desired("n1"), full=True) == []
     finally:
         sleeper.kill()
@@ -346,6 +384,7 @@ def test_namespace_files_that_are_no_namespaces_are_replaced_or_removed(world: W
     (n1.netns_dir / "jnj-0000dead00").write_text("")  # a job this node no longer has
     steps = n1.reconcile(world.desired("n1"), full=True)
     assert [type(s).__name__ for s in steps] == ["DeleteJobNetwork", "DeleteJobNetwork", "CreateJobNetwork",
+                                                 "ReplaceBridgeFdb",
                                                  "ReplaceJobNeigh", "ReplaceJobNeigh"]  # a1's peers: a2, a3
     assert not (n1.netns_dir / "jnj-0000dead00").exists()
     assert n1.reconcile(world.desired("n1"), full=True) == []
@@ -489,15 +528,19 @@ def in_netns(path: Path, fn: Callable[[], T]) -> T:
     return out[0]
 
 
-def tx_packets(node: Node, job_id: str) -> int:
-    """eth0's tx_packets in a job namespace, read through netlink (IFLA_STATS64)."""
+def tx_packets(node: Node, job_id: str, counter: str = "tx_packets") -> int:
+    """eth0's tx_packets (or another counter) in a job namespace, read through netlink (IFLA_STATS64)."""
     from pyroute2 import IPRoute
 
     def read() -> int:
         with IPRoute() as ipr:
-            return int(ipr.link("get", ifname="eth0")[0].get("IFLA_STATS64")["tx_packets"])
+            return int(ipr.link("get", ifname="eth0")[0].get("IFLA_STATS64")[counter])
 
     return in_netns(node.job_ns(job_id), read)
+
+
+def rx_packets(node: Node, job_id: str) -> int:
+    return tx_packets(node, job_id, "rx_packets")
 
 
 def sniffer(node: Node, job_id: str) -> socket.socket:
@@ -648,6 +691,157 @@ def test_neighbour_notifications_after_restarts_losses_and_reused_namespace_ids(
     # A job whose eth0 is made anew (another ifindex) has its table read again.
     sh("ip", "-n", n2.netns, "link", "del", f"jnv{a6.id}")
     steps = n2.reconcile(world.desired("n2"), full=True)
-    assert [type(s).__name__ for s in steps] == ["ConfigureJob"] + ["ReplaceJobNeigh"] * 2  # a1, a3
+    assert [type(s).__name__ for s in steps] == ["ConfigureJob", "ReplaceBridgeFdb"] + ["ReplaceJobNeigh"] * 2
     assert n2.reconcile(world.desired("n2"), full=True) == [] and reads.take() == 1
     mirror_is_kernel(n2)
+
+
+# -- static bridge FDB entries: a frame for a local job goes to its port only ------------------------
+
+
+def send_frame(node: Node, job_id: str, src: str, dst: str = "ff:ff:ff:ff:ff:ff") -> None:
+    """One raw Ethernet frame out of eth0 in a job namespace, with any source MAC (as a job with
+    CAP_NET_RAW could send; 0x88b5: the local experimental ethertype)."""
+
+    def send() -> None:
+        with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as s:
+            s.bind(("eth0", 0))
+            s.send(bytes.fromhex(dst.replace(":", "") + src.replace(":", "")) + b"\x88\xb5" + bytes(46))
+
+    in_netns(node.job_ns(job_id), send)
+
+
+def learned_on_job_ports(node: Node, bridge: str) -> list[dict[str, Any]]:
+    """Entries the bridge learned (dynamic) on job ports."""
+    return [e for e in json.loads(sh("bridge", "-n", node.netns, "-j", "fdb", "show", "br", bridge).stdout)
+            if e.get("master") == bridge and e["ifname"].startswith("jnv")
+            and e.get("state", "") not in ("static", "permanent")]
+
+
+def test_static_bridge_fdb_entries_follow_local_jobs_and_are_repaired(world: World) -> None:
+    j = populate(world)
+    n1, n2 = world.nodes["n1"], world.nodes["n2"]
+    a1, a4, a5 = j["a1"], world.add_job("n1", "a", 4), world.add_job("n1", "a", 5)
+    world.reconcile_all()
+    assert bridge_static(n1, "jnb100") == local_static(world, n1, "a") and len(local_static(world, n1, "a")) == 3
+
+    def port(job: Any) -> str:
+        return f"jnv{job.id}"
+
+    # A job comes: its entry comes with its network; a job goes: its entry goes with its veth (no step), and a
+    # full reconcile afterwards finds what the model says.
+    a6 = world.add_job("n1", "a", 6)
+    steps = n1.reconcile(world.desired("n1"))
+    assert [s for s in steps if isinstance(s, (ReplaceBridgeFdb, DeleteBridgeFdb))] == [
+        ReplaceBridgeFdb("jnb100", port(a6), a6.mac)]
+    assert bridge_static(n1, "jnb100") == local_static(world, n1, "a")
+    del n1.jobs[a6.id]
+    steps = n1.reconcile(world.desired("n1"))
+    assert not [s for s in steps if isinstance(s, (ReplaceBridgeFdb, DeleteBridgeFdb))]
+    assert wait_gone(n1, port(a6))
+    assert bridge_static(n1, "jnb100") == local_static(world, n1, "a")
+    assert world.reconcile_all(full=True) == {"n1": [], "n2": []}
+
+    # Drift by hand: an entry deleted, one moved to another job's port, one no longer sticky, static entries
+    # no job needs (on a job's port, on the VXLAN port), learning turned on on a job's port; another
+    # group's job port taken off its bridge (which takes its entry with it).
+    def br(*args: str) -> None:
+        sh("bridge", "-n", n1.netns, "fdb", *args)
+
+    br("del", a4.mac, "dev", port(a4), "master")
+    br("replace", a5.mac, "dev", port(a4), "master", "static", "sticky")
+    br("replace", a1.mac, "dev", port(a1), "master", "static")
+    br("add", "02:00:00:00:ee:01", "dev", port(a4), "master", "static")
+    br("add", "02:00:00:00:ee:02", "dev", "jnx100", "master", "static")
+    sh("ip", "-n", n1.netns, "link", "set", port(j["c1"]), "nomaster")
+    sh("ip", "-n", n1.netns, "link", "set", port(a5), "type", "bridge_slave", "learning", "on")
+    assert bridge_static(n1, "jnb100") == {a5.mac: (port(a4), True), a1.mac: (port(a1), False),
+                                           "02:00:00:00:ee:01": (port(a4), False),
+                                           "02:00:00:00:ee:02": ("jnx100", False)}
+    assert learning(n1, port(a5)) is True
+    assert bridge_static(n1, "jnb300") == {}
+
+    assert world.reconcile_all() == {"n1": [], "n2": []}  # an incremental reconcile trusts its model
+    steps = n1.reconcile(world.desired("n1"), full=True)
+    assert sorted(map(repr, [s for s in steps if isinstance(s, (ReplaceBridgeFdb, DeleteBridgeFdb))])) == sorted(
+        map(repr, [ReplaceBridgeFdb("jnb100", port(a4), a4.mac), ReplaceBridgeFdb("jnb100", port(a5), a5.mac),
+                   ReplaceBridgeFdb("jnb100", port(a1), a1.mac), ReplaceBridgeFdb("jnb300", port(j["c1"]), j["c1"].mac),
+                   DeleteBridgeFdb("jnb100", port(a4), "02:00:00:00:ee:01"),
+                   DeleteBridgeFdb("jnb100", "jnx100", "02:00:00:00:ee:02")]))
+    # the ports with learning on, or off their bridge, are set again; nothing else of those jobs is touched
+    assert sorted(s.job.job_id for s in steps if isinstance(s, SetJobPort)) == sorted([a5.id, j["c1"].id])
+    assert len(steps) == 6 + 2
+    for group in ("a", "c"):
+        assert bridge_static(n1, f"jnb{world.groups[group].vni}") == local_static(world, n1, group)
+    assert learning(n1, port(a5)) is False
+    assert world.reconcile_all(full=True) == {"n1": [], "n2": []}
+
+    # A job sending from another job's MAC moves nothing: its port learns nothing, and the entries are
+    # sticky (a remote job's frame, which the VXLAN device's port does learn from, moves nothing either).
+    send_frame(n1, a5.id, src=a4.mac)
+    send_frame(n1, a5.id, src="02:00:00:00:ee:03")
+    send_frame(n2, j["a2"].id, src=a4.mac)
+    assert bridge_static(n1, "jnb100") == local_static(world, n1, "a")
+    assert learned_on_job_ports(n1, "jnb100") == []
+    assert ping_ok(n1, a1.id, a4.ip) and ping_ok(n2, j["a2"].id, a4.ip)
+    assert learned_on_job_ports(n1, "jnb100") == [] and learned_on_job_ports(n2, "jnb100") == []
+    assert world.reconcile_all(full=True) == {"n1": [], "n2": []}
+
+
+def vxlan_tx(node: Node, dev: str) -> int:
+    return int(node.ip("-s", "link", "show", dev)[0]["stats64"]["tx"]["packets"])
+
+
+def test_a_frame_for_a_silent_local_job_is_not_flooded(world: World) -> None:
+    """Without a static entry, a frame for a local job the bridge has not learned (it never sent, or was
+    silent for the ageing time) goes to every port of the group: the other local jobs' eth0 and, through the
+    VXLAN device, every other node of the group (which floods it to its jobs in turn)."""
+    j = populate(world)
+    n1, n2 = world.nodes["n1"], world.nodes["n2"]
+    a1, a2, a3 = j["a1"], j["a2"], j["a3"]
+    b, c = world.add_job("n1", "a", 4), world.add_job("n1", "a", 5)  # b: silent; c: a bystander
+    world.reconcile_all()
+    assert tx_packets(n1, b.id) == 0  # b never sent anything: the bridge could not have learned its MAC
+
+    def counters() -> dict[str, int]:
+        return {"b rx": rx_packets(n1, b.id), "c rx": rx_packets(n1, c.id), "jnx100 tx": vxlan_tx(n1, "jnx100"),
+                "a2 rx": rx_packets(n2, a2.id), "a3 rx": rx_packets(n2, a3.id)}
+
+    def ping3() -> dict[str, int]:
+        before = counters()
+        res = n1.in_job(a1.id, "ping", "-n", "-c3", "-i0.2", "-W1", "-q", b.ip)
+        assert res.returncode == 0 and " 0% packet loss" in res.stdout, res.stdout
+        after = counters()
+        return {k: after[k] - before[k] for k in after}
+
+    nothing_else = {"c rx": 0, "jnx100 tx": 0, "a2 rx": 0, "a3 rx": 0}
+    assert ping3() == {"b rx": 3, **nothing_else}
+    assert ping3() == {"b rx": 3, **nothing_else}  # b has answered since: still only its static entry counts
+
+    # Control: b's entry deleted by hand. Its port learns nothing, so every frame for b is flooded: to c, and
+    # once per other node of the group through the VXLAN device, whose bridge floods it to a2 and a3.
+    sh("bridge", "-n", n1.netns, "fdb", "del", b.mac, "dev", f"jnv{b.id}", "master")
+    assert ping3() == {"b rx": 3, "c rx": 3, "jnx100 tx": 3, "a2 rx": 3, "a3 rx": 3}
+    assert n1.reconcile(world.desired("n1"), full=True) == [ReplaceBridgeFdb("jnb100", f"jnv{b.id}", b.mac)]
+    assert ping3() == {"b rx": 3, **nothing_else}
+
+
+def test_a_node_made_before_static_entries_is_brought_up_to_date_without_touching_the_jobs(world: World) -> None:
+    """An agent upgraded on a node whose job ports learn and have no static entries: its first full reconcile
+    sets each port and adds each entry, and enters no job namespace (no eth0 change, no neighbour entry)."""
+    populate(world)
+    n1 = world.nodes["n1"]
+    world.add_job("n1", "a", 4)
+    world.reconcile_all()
+    for _, job in n1.jobs.values():
+        sh("bridge", "-n", n1.netns, "fdb", "del", job.mac, "dev", f"jnv{job.id}", "master")
+        sh("ip", "-n", n1.netns, "link", "set", f"jnv{job.id}", "type", "bridge_slave", "learning", "on")
+    assert all(bridge_static(n1, f"jnb{g.vni}") == {} for g in world.groups.values())
+    n1.stop()
+    n1.start()
+    steps = n1.reconcile(world.desired("n1"), full=True)
+    assert sorted(type(s).__name__ for s in steps) == ["ReplaceBridgeFdb"] * 4 + ["SetJobPort"] * 4
+    for group in ("a", "b", "c"):
+        assert bridge_static(n1, f"jnb{world.groups[group].vni}") == local_static(world, n1, group)
+    assert all(learning(n1, f"jnv{job.id}") is False for _, job in n1.jobs.values())
+    assert world.reconcile_all(full=True) == {"n1": [], "n2": []}
