@@ -165,7 +165,7 @@ class Lab:
 
     def start_agent(self, node: str) -> None:
         d = self.node_dir(node)
-        argv = [self.python, "-m", "deploy.lab", "_agent", self.cgroup_parent(node), "--", "--name", node,
+        argv = [self.python, "-m", "nodeagent.main", "--name", node, "--cgroup-parent", self.cgroup_parent(node),
                 "--netns", str(NETNS_RUN / self.ns(node)),
                 "--controller", f"{self.underlay_ip('ctl')}:{CONTROLLER_PORT}",
                 "--underlay-ifname", "jnul0", "--underlay-ip", self.underlay_ip(node),
@@ -373,15 +373,6 @@ def _nsexec(path: str, argv: list[str]) -> None:
     os.execvp(argv[0], argv)
 
 
-def _agent(cgroup_parent: str, argv: list[str]) -> int:
-    """jobnet-agent (nodeagent.main) with the lab's per-lab cgroup parent (see Lab.cgroup_parent)."""
-    from nodeagent import config
-    from nodeagent import main as agent_main
-
-    config.AgentSettings.cgroup_parent = property(lambda _self: cgroup_parent)  # type: ignore[method-assign, assignment]
-    return agent_main.main(argv)
-
-
 # -------------------------------------------------------------------- demo
 
 def demo(lab: Lab, keep: bool) -> int:
@@ -459,8 +450,6 @@ def wait_running(lab: Lab, job_ids: list[str], timeout: float = 30) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "_agent":
-        return _agent(argv[1], argv[argv.index("--") + 1:])
     if argv and argv[0] == "_nsexec":
         sep = argv.index("--")
         _nsexec(argv[1], argv[sep + 1:])

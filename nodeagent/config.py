@@ -25,6 +25,7 @@ class AgentSettings:
     agent_port: int = 7401  # NodeAgent service (job logs) on underlay_ip
     usage_interval_s: float = 10.0  # network accounting: sample every job's counters this often
     usage_spool_max: int = 100_000  # usage reports kept for the controller before coalescing (see accounting)
+    cgroup_parent_name: str = ""  # default jn-<name>; several agents sharing one machine need distinct ones
     extra: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -33,4 +34,4 @@ class AgentSettings:
 
     @property
     def cgroup_parent(self) -> str:
-        return f"jn-{self.name}"
+        return self.cgroup_parent_name or f"jn-{self.name}"

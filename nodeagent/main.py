@@ -16,6 +16,7 @@ import ctypes
 import ipaddress
 import logging
 import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -75,6 +76,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--usage-interval", type=float, default=10.0, metavar="SECONDS",
                    help="network accounting: read every job's traffic counters and queue a usage report for the "
                    "controller every SECONDS (default: %(default)s); a job's final totals are always read at its end")
+    p.add_argument("--cgroup-parent", metavar="NAME", default="",
+                   help="the cgroup (in every hierarchy) under which this agent's jobs get theirs; must start "
+                   "with 'jn' (default: jn-<name>). Agents sharing one machine need distinct ones: an agent "
+                   "removes the job cgroups under its parent that it does not know")
     p.add_argument("--metrics-listen", metavar="HOST:PORT",
                    help="serve Prometheus metrics on http://HOST:PORT/metrics, inside the agent's network "
                    "namespace (default: off)")
@@ -97,6 +102,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--usage-interval {args.usage_interval} is out of range 0.1..3600 seconds")
     if args.usage_spool_max < 100:
         p.error(f"--usage-spool-max {args.usage_spool_max} is too small (at least 100)")
+    if args.cgroup_parent and not re.fullmatch(r"jn[A-Za-z0-9_.-]{0,61}", args.cgroup_parent):
+        p.error(f"--cgroup-parent {args.cgroup_parent!r} must start with 'jn' and be a plain name (letters, digits, "
+                "'-', '_', '.')")
     if not 1280 <= args.underlay_mtu <= 65535:
         p.error(f"--underlay-mtu {args.underlay_mtu} is out of range 1280..65535")
     return args
@@ -143,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         agent_port=args.agent_port,
         usage_interval_s=args.usage_interval,
         usage_spool_max=args.usage_spool_max,
+        cgroup_parent_name=args.cgroup_parent,
     )
     for d in (settings.state_dir, settings.netns_dir, settings.scratch_root):
         d.mkdir(parents=True, exist_ok=True)

@@ -117,7 +117,7 @@ def test_nothing_left_on_the_nodes_after_jobs_end(lab: Lab, grp: str) -> None:
 def _cgroups_of(lab: Lab, node: str) -> list[str]:
     found = []
     for hier in ["/sys/fs/cgroup", *[str(p) for p in Path("/sys/fs/cgroup").iterdir()]]:
-        top = Path(hier) / f"jn-{node}"
+        top = Path(hier) / lab.cgroup_parent(node)
         if top.is_dir():
             found += [str(p) for p in top.rglob("jn-*") if p.is_dir() and not p.name.startswith("jn-w")]
     return found
