@@ -290,6 +290,7 @@ class Controller:
         nname = validate.node_name(req.node)
         command = validate.command(list(req.command))
         name = validate.job_name(req.name)
+        user = validate.user_name(req.user)
         validate.isolation(req.isolation)
         group = self.get_group(gname)
         node = self.c.nodes.get(nname)
@@ -310,11 +311,11 @@ class Controller:
             job_id = secrets.token_hex(5)
         job = pb.Job(id=job_id, name=name, group=gname, node=nname, command=command, ip=str(ip), mac=mac,
                      state=pb.JOB_STATE_PENDING, created=_ts(self.now()), desired_running=True,
-                     isolation=req.isolation)
+                     isolation=req.isolation, user=user)
         txn = Txn()
         txn.put("job", job_id, to_record(job))
         self._commit(txn, touched_groups=[gname], touched_nodes=[nname])
-        log.info("job %s created in group %s on node %s: %s %s", job_id, gname, nname, ip, mac)
+        log.info("job %s created in group %s on node %s for %s: %s %s", job_id, gname, nname, user, ip, mac)
         return self.c.jobs[job_id]
 
     def get_job(self, job_id: str) -> pb.Job:
@@ -404,6 +405,23 @@ class Controller:
         self._finish(j2, reason, req.message, txn)
         self._commit(txn, touched_groups=[j.group], touched_nodes=[j.node])
         log.info("job %s finished on %s: %s %s", j.id, j.node, pb.EndReason.Name(reason), req.message)
+
+    def record_final_net(self, finals: Iterable[tuple[str, pb.NetUsage]]) -> int:
+        """Write a finished job's network totals (its final accounting report) into its record, once: like its
+        CPU/memory/IO usage, they then travel with the job record. Jobs whose record has them already are
+        skipped. Returns how many records were written."""
+        txn = Txn()
+        for job_id, net in finals:
+            j = self.c.jobs.get(job_id)
+            if j is None or j.HasField("net"):
+                continue
+            j2 = pb.Job()
+            j2.CopyFrom(j)
+            j2.net.CopyFrom(net)
+            txn.put("job", job_id, to_record(j2))
+        if txn:
+            self._commit(txn)  # not part of any node's desired state: nothing to publish
+        return len(txn.puts)
 
     def job_agent_address(self, job_id: str) -> tuple[pb.Job, str]:
         j = self.get_job(job_id)

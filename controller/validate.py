@@ -18,6 +18,10 @@ GROUP_NAME = re.compile(r"^[a-z][a-z0-9-]{0,14}$")
 NODE_NAME = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$")
 JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 JOB_ID = re.compile(r"^[0-9a-f]{10}$")
+# A login name as useradd accepts it (the portable set plus upper case; a trailing '$' for machine accounts),
+# at most 32 characters (utmp's limit).
+USER_NAME = re.compile(r"^[A-Za-z_](?:[A-Za-z0-9_.-]{0,30}[A-Za-z0-9_.$-])?$")
+UNKNOWN_USER = "unknown"
 DEVICE = re.compile(r"^\d+:\d+$")
 ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -49,6 +53,16 @@ def job_id(job: str) -> str:
         raise InvalidArgument(f"job id {job!r} is invalid: a job id is 10 hexadecimal characters, "
                               "as `jobnet job list` prints it")
     return job
+
+
+def user_name(name: str, empty: str = UNKNOWN_USER) -> str:
+    """A login name; empty gives `empty` (jobs created without a user are accounted to "unknown")."""
+    if not name:
+        return empty
+    if not USER_NAME.match(name):
+        raise InvalidArgument(f"user name {name!r} is invalid: use a login name of 1-32 characters from A-Z, a-z, "
+                              "0-9, '_', '.' and '-', starting with a letter or '_' (as `id -un` prints it)")
+    return name
 
 
 def job_name(name: str) -> str:
