@@ -8,13 +8,16 @@ import contextlib
 import ipaddress
 import logging
 import os
+import re
 import signal
+import sqlite3
 import sys
 from pathlib import Path
 
 import grpc
 
-from controller import metrics
+from controller import accounting_sqlite, metrics
+from controller.accounting import Accounting, Retention
 from controller.core import Config, Controller
 from controller.service import ControllerService
 from controller.store_sqlite import SchemaError, SqliteStore
@@ -31,9 +34,29 @@ examples:
   # group subnets from 172.30.0.0/16, /26 each unless a group asks otherwise; 9000-byte underlay
   jobnet-controller --pool 172.30.0.0/16 --default-prefix 26 --underlay-mtu 9000
 
+  # network accounting: raw samples for 3 days, then one per 10 minutes; samples deleted after 90 days
+  jobnet-controller --usage-raw-retention 3d --usage-downsample-step 10m --usage-retention 90d
+
 State (groups, nodes, jobs, addresses) lives in the SQLite file given by --db and survives restarts;
-agents reconnect by themselves and get the delta since the revision they hold.
+agents reconnect by themselves and get the delta since the revision they hold. Network accounting (the agents'
+per-job counters) lives in its own SQLite file, --accounting-db; per-job totals are kept forever, samples
+(the time series) as the --usage-* options say. Durations: 90s, 10m, 24h, 30d, 1h30m or seconds.
 """
+
+_DURATION = re.compile(r"(\d+)([smhd])")
+
+
+def duration(text: str) -> float:
+    """'24h' -> 86400.0; units s, m, h, d, combinable ('1h30m'); a plain number is seconds; 0 is allowed."""
+    s = text.strip().lower()
+    try:
+        return float(s)
+    except ValueError:
+        pass
+    parts = _DURATION.findall(s)
+    if not parts or "".join(n + u for n, u in parts) != s:
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: use e.g. 90s, 10m, 24h, 30d, 1h30m or seconds")
+    return float(sum(int(n) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[u] for n, u in parts))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -64,6 +87,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="how often agents send heartbeats (default: %(default)s)")
     p.add_argument("--metrics-listen", metavar="HOST:PORT",
                    help="serve Prometheus metrics on http://HOST:PORT/metrics (default: off)")
+    acct = p.add_argument_group("network accounting")
+    acct.add_argument("--accounting-db", type=Path, metavar="PATH",
+                      help="SQLite file for per-job network totals and samples (default: accounting.db next to --db)")
+    acct.add_argument("--usage-raw-retention", type=duration, default=24 * 3600.0, metavar="DURATION",
+                      help="samples older than this are thinned to one per --usage-downsample-step; 0: never "
+                      "(default: 24h)")
+    acct.add_argument("--usage-downsample-step", type=duration, default=300.0, metavar="DURATION",
+                      help="what old samples are thinned to: the last one of each step, so totals stay exact "
+                      "(default: 5m)")
+    acct.add_argument("--usage-retention", type=duration, default=30 * 86400.0, metavar="DURATION",
+                      help="samples older than this are deleted (per-job totals are kept forever); 0: never "
+                      "(default: 30d)")
+    acct.add_argument("--usage-retention-interval", type=duration, default=300.0, metavar="DURATION",
+                      help="how often thinning and deletion run (default: 5m)")
+    acct.add_argument("--usage-commit-ms", type=float, default=25.0, metavar="MS",
+                      help="group commit: reports are written together at most this often; an agent's report "
+                      "is acknowledged once on disk (default: %(default)g)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     a = p.parse_args(argv)
     try:
@@ -75,7 +115,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--node-timeout-seconds must be at least two heartbeat intervals")
     if not 1280 <= a.underlay_mtu <= 65535:
         p.error("--underlay-mtu must be between 1280 and 65535")
+    if a.usage_downsample_step < 1:
+        p.error("--usage-downsample-step must be at least 1 s")
+    if a.usage_raw_retention and a.usage_raw_retention < a.usage_downsample_step:
+        p.error("--usage-raw-retention must be at least one --usage-downsample-step (or 0: never thin)")
+    if a.usage_retention and a.usage_raw_retention and a.usage_retention < a.usage_raw_retention:
+        p.error("--usage-retention must not be shorter than --usage-raw-retention")
+    if a.usage_retention_interval < 0.1:
+        p.error("--usage-retention-interval must be at least 0.1 s")
+    if not 1 <= a.usage_commit_ms <= 1000:
+        p.error("--usage-commit-ms must be between 1 and 1000")
     a.listen = a.listen or ["0.0.0.0:7400", "unix:/run/jobnet/controller.sock"]
+    a.accounting_db = a.accounting_db or a.db.with_name("accounting.db")
     return a
 
 
@@ -93,7 +144,16 @@ async def serve(a: argparse.Namespace) -> int:
     except ValueError as e:
         log.error("%s", e)
         return 2
-    service = ControllerService(core)
+    try:
+        acct_store = accounting_sqlite.SqliteAccountingStore(a.accounting_db)
+    except (accounting_sqlite.SchemaError, OSError, sqlite3.Error) as e:
+        log.error("cannot open the accounting file %s: %s", a.accounting_db, e)
+        return 1
+    acct = Accounting(core, acct_store, Retention(raw_s=a.usage_raw_retention, step_s=a.usage_downsample_step,
+                                                  keep_s=a.usage_retention, interval_s=a.usage_retention_interval),
+                      commit_interval_s=a.usage_commit_ms / 1000)
+    await acct.start()
+    service = ControllerService(core, acct)
     server = grpc.aio.server(options=[("grpc.keepalive_permit_without_calls", 1),
                                       ("grpc.http2.min_ping_interval_without_data_ms", 5000)])
     pbg.add_ControllerServicer_to_server(service, server)
@@ -115,8 +175,8 @@ async def serve(a: argparse.Namespace) -> int:
         except (OSError, ValueError) as e:
             log.error("cannot serve metrics on %s: %s", a.metrics_listen, e)
             return 1
-    print(f"jobnet-controller listening on {', '.join(a.listen)} (state {a.db}, revision {core.c.revision})",
-          flush=True)
+    print(f"jobnet-controller listening on {', '.join(a.listen)} (state {a.db}, revision {core.c.revision}; "
+          f"accounting {a.accounting_db})", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -136,6 +196,7 @@ async def serve(a: argparse.Namespace) -> int:
     task.cancel()
     await service.close()
     await server.stop(grace=2)
+    await acct.close()  # after the server: reports still being answered get their flush
     store.close()
     return 0
 

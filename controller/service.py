@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 import grpc
 
 from controller import topology, validate
+from controller.accounting import Accounting
 from controller.core import Controller
 from controller.errors import ApiError, Unavailable
 from controller.identity import identify
@@ -53,8 +54,9 @@ def rpc(fn: Handler[T]) -> Handler[T]:
 
 
 class ControllerService(pbg.ControllerServicer):
-    def __init__(self, core: Controller) -> None:
+    def __init__(self, core: Controller, accounting: Accounting) -> None:
         self.core = core
+        self.acct = accounting
         self._agent_channels: dict[str, grpc.aio.Channel] = {}
 
     # ---------------------------------------------------------------- groups
@@ -95,17 +97,18 @@ class ControllerService(pbg.ControllerServicer):
     async def CreateJob(self, request: pb.CreateJobRequest, context: Any) -> pb.Job:
         return self.core.create_job(request)
 
+    # Jobs go out with their network totals (Job.net) from the accounting.
     @rpc
     async def GetJob(self, request: pb.GetJobRequest, context: Any) -> pb.Job:
-        return self.core.get_job(request.id)
+        return self.acct.job_out(self.core.get_job(request.id))
 
     @rpc
     async def ListJobs(self, request: pb.ListJobsRequest, context: Any) -> pb.ListJobsResponse:
-        return pb.ListJobsResponse(jobs=self.core.list_jobs(request))
+        return pb.ListJobsResponse(jobs=[self.acct.job_out(j) for j in self.core.list_jobs(request)])
 
     @rpc
     async def StopJob(self, request: pb.StopJobRequest, context: Any) -> pb.Job:
-        return self.core.stop_job(request.id)
+        return self.acct.job_out(self.core.stop_job(request.id))
 
     @rpc
     async def ReportJobStatus(self, request: pb.ReportJobStatusRequest, context: Any) -> pb.ReportJobStatusResponse:
@@ -134,14 +137,18 @@ class ControllerService(pbg.ControllerServicer):
             raise Unavailable(f"could not read the log of job {job.id} from node {job.node}'s agent at "
                               f"{address}: {e.code().name}: {e.details()}") from None
 
-    # ---------------------------------------------------------------- accounting (being built: issue 4)
+    # ---------------------------------------------------------------- accounting (issue 4)
+    @rpc
     async def ReportUsage(self, request: pb.ReportUsageRequest, context: Any) -> pb.ReportUsageResponse:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "network accounting is not available in this controller")
-        raise AssertionError("unreachable")
+        res = self.acct.ingest(request)
+        await self.acct.wait_durable(res)  # group commit: acknowledged means on disk
+        if res.finals:
+            self.acct.record_finals(res.finals)
+        return pb.ReportUsageResponse(accepted=res.accepted, duplicates=res.duplicates, unknown_jobs=res.unknown)
 
+    @rpc
     async def QueryUsage(self, request: pb.QueryUsageRequest, context: Any) -> pb.QueryUsageResponse:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "network accounting is not available in this controller")
-        raise AssertionError("unreachable")
+        return await self.acct.query(request)
 
     # ---------------------------------------------------------------- watch
     async def WatchNode(self, request: pb.WatchNodeRequest, context: Any) -> AsyncIterator[pb.NodeStateUpdate]:
