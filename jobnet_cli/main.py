@@ -1,8 +1,9 @@
 """`jobnet`: the command-line client of the jobnet controller.
 
-Talks to the controller's gRPC API (protos/jobnet/v1/jobnet.proto): groups, nodes, jobs, job logs and the
-overlay topology. Output is an aligned table for people (`-o table`, the default) or JSON for scripts
-(`-o json`: the API's messages with their proto field names, every field present, lists as JSON arrays).
+Talks to the controller's gRPC API (protos/jobnet/v1/jobnet.proto): groups, nodes, jobs, job logs, the
+overlay topology and network usage. Output is an aligned table for people (`-o table`, the default) or JSON for
+scripts (`-o json`: the API's messages with their proto field names, every field present, lists as JSON arrays);
+`jobnet usage` also writes CSV (`-o csv`) and charts (`--chart`, `--chart-file PATH.svg`).
 
 Exit codes: 0 ok; 1 runtime error (the controller refused, or a waited-for job failed); 2 usage error
 (bad arguments, checked before anything is sent); 3 not found; 4 controller unreachable (or no answer
@@ -13,8 +14,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
 import dataclasses
 import datetime as dt
+import getpass
+import io
 import ipaddress
 import json
 import os
@@ -31,6 +35,7 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from jobnet_cli import charts
 from protos.jobnet.v1 import jobnet_pb2 as pb
 from protos.jobnet.v1 import jobnet_pb2_grpc as pbg
 
@@ -44,6 +49,8 @@ EXIT_USAGE = 2
 EXIT_NOT_FOUND = 3
 EXIT_UNREACHABLE = 4
 
+NET_DIRECTIONS = ("tx", "rx")
+NET_CLASSES = ("local", "overlay", "external")
 UINT32_MAX = (1 << 32) - 1
 UINT64_MAX = (1 << 64) - 1
 
@@ -151,6 +158,46 @@ def parse_env(text: str) -> str:
     if not eq or not key or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key):
         raise ValueError(f"invalid environment variable {text!r}: use KEY=VALUE (KEY: letters, digits, _)")
     return text
+
+
+_USER_RE = re.compile(r"^[A-Za-z_](?:[A-Za-z0-9_.-]{0,30}[A-Za-z0-9_.$-])?$")
+_JOB_ID_RE = re.compile(r"^[0-9a-f]{10}$")
+
+
+def parse_user(text: str) -> str:
+    """A login name (what `id -un` prints): 1-32 characters, A-Z a-z 0-9 _ . -, starting with a letter or _."""
+    if not _USER_RE.match(text):
+        raise ValueError(f"invalid user name {text!r}: use a login name of 1-32 characters from A-Z, a-z, 0-9, "
+                         "'_', '.' and '-', starting with a letter or '_'")
+    return text
+
+
+def parse_job_id(text: str) -> str:
+    if not _JOB_ID_RE.match(text):
+        raise ValueError(f"invalid job id {text!r}: a job id is 10 hexadecimal characters, as `jobnet job list` "
+                         "prints it")
+    return text
+
+
+def parse_when(text: str, now: float | None = None) -> float:
+    """'2h' (that long ago), '1h30m', '3600' (seconds ago), 'now', or an ISO 8601 time ('2024-05-01T12:00',
+    '2024-05-01 12:00:00+02:00', '2024-05-01'; without a zone: local time) -> Unix seconds."""
+    s = text.strip()
+    now = time.time() if now is None else now
+    if s.lower() == "now":
+        return now
+    try:
+        return now - parse_duration(s)
+    except ValueError:
+        pass
+    try:
+        when = dt.datetime.fromisoformat(s)
+    except ValueError:
+        raise ValueError(f"invalid time {text!r}: use a duration ago (90s, 10m, 2h, 1d, 1h30m), 'now', or an ISO "
+                         "time (2024-05-01T12:00, 2024-05-01T12:00:00Z; local time without a zone)") from None
+    if when.tzinfo is None:
+        when = when.astimezone()  # local time
+    return when.timestamp()
 
 
 def parse_address(text: str) -> str:
@@ -368,9 +415,17 @@ def to_dict(msg: Message) -> dict[str, Any]:
         job.CopyFrom(msg)
         job.isolation.resources.SetInParent()
         job.usage.SetInParent()
+        _fill_net(job.net)
         msg = job
     return json_format.MessageToDict(msg, always_print_fields_with_no_presence=True,
                                      preserving_proto_field_name=True, unquote_int64_if_possible=True)
+
+
+def _fill_net(net: pb.NetUsage) -> None:
+    """Every direction and class present (zeros included), so scripts can index without checking."""
+    for d in NET_DIRECTIONS:
+        for c in NET_CLASSES:
+            getattr(getattr(net, d), c).SetInParent()
 
 
 # ---------------------------------------------------------------- exit codes and errors
@@ -515,6 +570,16 @@ def job_command(a: argparse.Namespace) -> list[str]:
     return cmd
 
 
+def invoking_user() -> str:
+    """The login name the job is accounted to by default; empty (the controller says "unknown") when it cannot
+    be told or is not a valid login name."""
+    try:
+        name = getpass.getuser()
+    except (OSError, KeyError):
+        return ""
+    return name if _USER_RE.match(name) else ""
+
+
 WAIT_OUTAGE_S = 60.0  # how long `--wait` rides out an unreachable controller (e.g. a restart)
 
 
@@ -554,7 +619,7 @@ def cmd_job_run(ctx: Ctx, a: argparse.Namespace) -> int:
     if a.memory_high and a.memory and a.memory_high > a.memory:
         raise UsageError("--memory-high is above --memory: the soft limit must not exceed the hard limit")
     req = pb.CreateJobRequest(group=a.group, node=a.node, command=command, name=a.name or "",
-                              isolation=build_isolation(a))
+                              isolation=build_isolation(a), user=a.user or invoking_user())
     job = ctx.stub.CreateJob(req, timeout=ctx.timeout)
     if not a.wait:
         if ctx.json:
@@ -633,9 +698,24 @@ def usage_fields(u: pb.Usage) -> list[tuple[str, object]]:
     ]
 
 
+def net_line(cls: pb.NetClassCounters) -> str:
+    """'1.2 MiB (local 1 MiB, overlay 200 KiB, external 0 B)'"""
+    parts = [(c, getattr(cls, c).bytes) for c in NET_CLASSES]
+    return f"{human_bytes(sum(b for _, b in parts))} (" + ", ".join(f"{c} {human_bytes(b)}" for c, b in parts) + ")"
+
+
+def usage_and_net_fields(j: pb.Job) -> list[tuple[str, object]]:
+    fields = usage_fields(j.usage)
+    if j.HasField("net"):
+        fields += [("Net sent", net_line(j.net.tx)), ("Net received", net_line(j.net.rx))]
+    else:
+        fields.append(("Network", "no accounting report yet"))
+    return fields
+
+
 def job_fields(j: pb.Job) -> list[tuple[str, object]]:
     fields: list[tuple[str, object]] = [
-        ("ID", j.id), ("Name", j.name or "-"), ("Group", j.group), ("Node", j.node),
+        ("ID", j.id), ("Name", j.name or "-"), ("Group", j.group), ("Node", j.node), ("User", j.user or "-"),
         ("Command", shlex.join(j.command)), ("IP", j.ip), ("MAC", j.mac),
         ("State", job_state(j.state) + ("" if j.desired_running or j.state == pb.JOB_STATE_FINISHED
                                        else " (stop requested)")),
@@ -650,7 +730,7 @@ def job_fields(j: pb.Job) -> list[tuple[str, object]]:
             fields.append(("Signal", f"{j.signal} ({_signal_name(j.signal)})"))
     fields.append(("Message", j.message or "-"))
     fields.append(("Isolation", isolation_fields(j.isolation)))
-    fields.append(("Usage", usage_fields(j.usage)))
+    fields.append(("Usage", usage_and_net_fields(j)))
     return fields
 
 
@@ -799,6 +879,171 @@ def cmd_topology(ctx: Ctx, a: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ---------------------------------------------------------------- usage (network accounting)
+
+USAGE_BY = ("job", "group", "node", "user", "all")
+CSV_COUNTERS = tuple(f"{d}_{c}_{k}" for d in NET_DIRECTIONS for c in NET_CLASSES for k in ("bytes", "packets"))
+CSV_HEADER = ("kind", "key", "start", "end", *CSV_COUNTERS, "total_bytes")
+CHART_POINTS_MAX = 120
+
+
+def net_counters(net: pb.NetUsage) -> list[int]:
+    """The 12 counters in CSV_COUNTERS order."""
+    out = []
+    for d in NET_DIRECTIONS:
+        for c in NET_CLASSES:
+            n = getattr(getattr(net, d), c)
+            out += [n.bytes, n.packets]
+    return out
+
+
+def net_bytes(net: pb.NetUsage, direction: str) -> int:
+    side = getattr(net, direction)
+    return int(sum(getattr(side, c).bytes for c in NET_CLASSES))
+
+
+def _secs(ts: Timestamp) -> float:
+    return ts.seconds + ts.nanos / 1e9
+
+
+def _iso(ts: Timestamp | float) -> str:
+    t = _secs(ts) if isinstance(ts, Timestamp) else ts
+    return dt.datetime.fromtimestamp(t, dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _local(ts: Timestamp) -> str:
+    return dt.datetime.fromtimestamp(_secs(ts)).astimezone().isoformat(timespec="seconds")
+
+
+def usage_request(a: argparse.Namespace, points: int = 0) -> pb.QueryUsageRequest:
+    """--since/--until are Unix seconds already (parse_when at parse time)."""
+    req = pb.QueryUsageRequest(job_id=a.job or "", group=a.group or "", node=a.node or "", user=a.user or "",
+                               by=a.by, top=a.top or 0)
+    since, until = a.since, a.until
+    if since is not None and until is None:
+        if since >= a.now:
+            raise UsageError(f"--since ({_iso(since)}) is in the future")
+        until = a.now  # the same instant `--since 2h` was counted from: exactly two hours
+    if since is not None and until is not None and since >= until:
+        raise UsageError(f"--since ({_iso(since)}) must be before --until ({_iso(until)})")
+    if since is not None:
+        req.start.FromNanoseconds(int(since * 1e9))
+    if until is not None:
+        req.end.FromNanoseconds(int(until * 1e9))
+    if a.step:
+        req.step_s = a.step
+    elif points:
+        req.points = points
+    return req
+
+
+def usage_table(resp: pb.QueryUsageResponse, by: str, top: int) -> str:
+    head = {"job": "JOB", "group": "GROUP", "node": "NODE", "user": "USER", "all": ""}[by]
+    headers = [head, "TX LOCAL", "TX OVERLAY", "TX EXTERNAL", "RX LOCAL", "RX OVERLAY", "RX EXTERNAL", "TOTAL"]
+
+    def cells(key: str, net: pb.NetUsage) -> list[object]:
+        c = net_counters(net)
+        return [key, *(human_bytes(c[i]) for i in range(0, 12, 2)), human_bytes(sum(c[0:12:2]))]
+
+    rows = [cells(r.key, r.net) for r in resp.rows]
+    rows.append(cells("TOTAL", resp.total))
+    window = f"{_local(resp.start) if _ts_set(resp.start) else 'the beginning'} .. {_local(resp.end)}"
+    if _ts_set(resp.start):
+        window += f" ({human_duration(_secs(resp.end) - _secs(resp.start))})"
+    lines = [f"network usage by {by}, {window}", format_table(headers, rows, right=range(1, 8))]
+    if top and len(resp.rows) == top:
+        lines.append(f"(--top {top}: the rows with the most bytes; TOTAL counts every matching row)")
+    for r in resp.rows:
+        if r.series:
+            lines.append("")
+            lines.append(f"{head.lower() or 'all'} {r.key}, per {human_duration(resp.step_s)} (time = end of step):")
+            lines.append(format_table(["TIME", "TX", "RX", "TOTAL"], [
+                [_local(pt.t), human_bytes(net_bytes(pt.net, "tx")), human_bytes(net_bytes(pt.net, "rx")),
+                 human_bytes(net_bytes(pt.net, "tx") + net_bytes(pt.net, "rx"))] for pt in r.series], right=(1, 2, 3)))
+    return "\n".join(lines)
+
+
+def usage_csv(resp: pb.QueryUsageResponse) -> str:
+    """kind,key,start,end,<12 counters>,total_bytes: a `row` per key over the window, then its `point`s (one per
+    step, start/end of the step), and a last `total` line over every matching row. Raw integers; UTC times."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(CSV_HEADER)
+    start = _iso(resp.start) if _ts_set(resp.start) else ""
+    end = _iso(resp.end)
+    for r in resp.rows:
+        c = net_counters(r.net)
+        w.writerow(["row", r.key, start, end, *c, sum(c[0:12:2])])
+        prev = start
+        for pt in r.series:
+            c = net_counters(pt.net)
+            w.writerow(["point", r.key, prev, _iso(pt.t), *c, sum(c[0:12:2])])
+            prev = _iso(pt.t)
+    c = net_counters(resp.total)
+    w.writerow(["total", "", start, end, *c, sum(c[0:12:2])])
+    return buf.getvalue()
+
+
+def chart_points(resp: pb.QueryUsageResponse) -> list[charts.Point]:
+    """The series of the query's one row (by all): (end of step, tx bytes, rx bytes)."""
+    if not resp.rows:
+        return []
+    return [(_secs(pt.t), net_bytes(pt.net, "tx"), net_bytes(pt.net, "rx")) for pt in resp.rows[0].series]
+
+
+def chart_title(a: argparse.Namespace, resp: pb.QueryUsageResponse) -> str:
+    what = ", ".join(f"{k} {v}" for k, v in (("job", a.job), ("group", a.group), ("node", a.node),
+                                             ("user", a.user)) if v) or "all jobs"
+    return (f"bytes per {human_duration(resp.step_s)}, {what}, {_local(resp.start)} .. {_local(resp.end)}; "
+            f"total {human_bytes(net_bytes(resp.total, 'tx') + net_bytes(resp.total, 'rx'))}")
+
+
+def cmd_usage(ctx: Ctx, a: argparse.Namespace) -> int:
+    output = a.usage_output or ctx.output
+    charting = a.chart or a.chart_file
+    if charting and a.by != "all" and a.by != "job":
+        raise UsageError("--chart draws the traffic of everything that matches as one series: leave out --by")
+    if charting and a.top:
+        raise UsageError("--chart draws one series: --top does not apply")
+    if a.chart_file and not a.chart_file.endswith(".svg"):
+        raise UsageError(f"--chart-file {a.chart_file}: the chart is written as SVG, name the file *.svg")
+    if charting:
+        width = min(CHART_POINTS_MAX, max(20, _terminal_columns() - 16))
+        chart_args = argparse.Namespace(**{**vars(a), "by": "all", "top": 0})
+        resp = ctx.stub.QueryUsage(usage_request(chart_args, points=width), timeout=ctx.timeout)
+        points = chart_points(resp)
+        if a.chart_file:
+            with open(a.chart_file, "w") as f:
+                f.write(charts.svg_chart(points, chart_title(a, resp), human_bytes))
+            print(f"{PROG}: wrote {a.chart_file}", file=sys.stderr)
+        if a.chart:
+            if not points or not any(tx or rx for _, tx, rx in points):
+                print("no network traffic recorded in the window")
+            else:
+                print(charts.terminal_chart(points, chart_title(a, resp), human_bytes))
+            return EXIT_OK
+        if output == "table":
+            return EXIT_OK
+    resp = ctx.stub.QueryUsage(usage_request(a), timeout=ctx.timeout)
+    if output == "json":
+        emit_json({"by": a.by, **to_dict(resp)})
+    elif output == "csv":
+        sys.stdout.write(usage_csv(resp))
+    elif not resp.rows:
+        print("no network usage recorded for that in the window (agents report every few seconds; "
+              "`jobnet job list --all` shows the jobs)")
+    else:
+        print(usage_table(resp, a.by, a.top or 0))
+    return EXIT_OK
+
+
+def _terminal_columns() -> int:
+    try:
+        return os.get_terminal_size(sys.stdout.fileno()).columns
+    except (OSError, ValueError, AttributeError):
+        return 80
+
+
 # ---------------------------------------------------------------- argument parser
 
 EPILOG = """\
@@ -811,6 +1056,7 @@ examples:
   jobnet job list
   jobnet job logs -f JOB_ID
   jobnet topology
+  jobnet usage --group blue --since 2h
   jobnet -o json group list | jq -r '.[].name'
 
 exit codes:
@@ -905,9 +1151,10 @@ examples:
   jobnet job show 1f3c0a9b2e
   jobnet -o json job show 1f3c0a9b2e | jq .usage
 
-Shows the job's placement, network (IP, MAC), state, end reason and exit code, the isolation it asked for
-('default' means the site's default applies) and its resource usage (at the end, or while running when the
-node reports it).
+Shows the job's placement, user, network (IP, MAC), state, end reason and exit code, the isolation it asked
+for ('default' means the site's default applies) and its resource usage (at the end, or while running when the
+node reports it), with the bytes it sent and received by class (local: a job on the same node, overlay: a job
+on another node, external: anything else; `jobnet usage --job ID` has them over time).
 """
 
 LOGS_EPILOG = """\
@@ -937,12 +1184,37 @@ Per group: the nodes that host its jobs, the jobs on each node (id, IP) and the 
 nodes (a group's traffic only ever goes to the nodes that host it).
 """
 
+USAGE_EPILOG = """\
+examples:
+  jobnet usage                                   # every job's traffic since its start, most bytes first
+  jobnet usage --group blue --since 2h           # the last two hours of group blue's jobs
+  jobnet usage --by user --since 2024-05-01 --until 2024-06-01 --top 10
+  jobnet usage --node n1 --by group -o csv > n1.csv
+  jobnet usage --job 1f3c0a9b2e --step 1m -o json
+  jobnet usage --group blue --since 1d --chart   # bytes over time in the terminal
+  jobnet usage --group blue --chart-file blue.svg
+
+Traffic is counted by the node's kernel on each job's own device, every Ethernet frame (header included),
+by direction (tx: sent by the job, rx: received) and class: local (a job on the same node), overlay (a job on
+another node, through the VXLAN tunnel), external (anything else: broadcast, the gateway and beyond).
+
+A window [--since, --until] counts, per job, its counters at its last sample before --until minus those at its
+last sample before --since (a job that started inside the window counts from zero). --since/--until take a
+duration ago (90s, 10m, 2h, 1d), 'now', or an ISO time (2024-05-01T12:00, local time unless it has a zone).
+Default: since the beginning, until now. Filters combine (AND).
+
+-o csv: header kind,key,start,end,tx_local_bytes,tx_local_packets,...,rx_external_packets,total_bytes; a `row`
+line per key, its `point` lines with --step (start/end of each step), a last `total` line; raw integers,
+UTC times. -o json: the API's QueryUsageResponse plus "by".
+"""
+
 
 def _parser_kwargs(epilog: str) -> dict[str, Any]:
     return {"epilog": epilog, "formatter_class": argparse.RawDescriptionHelpFormatter}
 
 
 def build_parser() -> argparse.ArgumentParser:
+    now = time.time()
     env_controller = os.environ.get("JOBNET_CONTROLLER") or DEFAULT_CONTROLLER
     p = argparse.ArgumentParser(
         prog=PROG,
@@ -953,9 +1225,9 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="ADDRESS",
                    help="controller address, HOST:PORT or unix:/path (default: env JOBNET_CONTROLLER, else "
                    f"{DEFAULT_CONTROLLER}; now: %(default)s)")
-    p.add_argument("-o", "--output", choices=["table", "json"], default="table",
+    p.add_argument("-o", "--output", choices=["table", "json", "csv"], default="table",
                    help="table: aligned text for people (default); json: the API objects for scripts "
-                   "(proto field names, lists as arrays)")
+                   "(proto field names, lists as arrays); csv: `jobnet usage` only")
     p.add_argument("--timeout", type=_positive_float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
                    help="give up on a controller call after SECONDS (default: %(default)g)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -1010,6 +1282,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--group", required=True, metavar="G", help="the group whose network the job joins")
     r.add_argument("--node", required=True, metavar="N", help="the node to run the job on")
     r.add_argument("--name", metavar="X", help="a name for the job, unique among the group's live jobs")
+    r.add_argument("--user", type=_argtype(parse_user, "user"), metavar="U",
+                   help="account the job to this user (default: your login name)")
     lim = r.add_argument_group("limits (default: the site's)")
     size = _argtype(parse_size, "size")
     lim.add_argument("--memory", type=size, metavar="SIZE",
@@ -1070,6 +1344,34 @@ def build_parser() -> argparse.ArgumentParser:
                      help="start this many bytes before the end (sizes like 4K are fine)")
     jlg.set_defaults(func=cmd_job_logs)
 
+    # usage
+    u = sub.add_parser("usage", help="network traffic per job, group, node or user",
+                       description="Network accounting: bytes and packets per job, group, node or user, within a "
+                       "time window; tables, CSV, JSON and charts.", **_parser_kwargs(USAGE_EPILOG))
+    flt = u.add_argument_group("what (filters combine)")
+    flt.add_argument("--job", type=_argtype(parse_job_id, "job_id"), metavar="ID", help="only this job")
+    flt.add_argument("--group", metavar="G", help="only the jobs of this group")
+    flt.add_argument("--node", metavar="N", help="only the jobs on this node")
+    flt.add_argument("--user", type=_argtype(parse_user, "user"), metavar="U", help="only this user's jobs")
+    when = u.add_argument_group("when")
+    when_t = _argtype(lambda text: parse_when(text, now), "when")  # one "now" for --since and --until
+    when.add_argument("--since", type=when_t, metavar="WHEN",
+                      help="start of the window: 2h (ago), ISO time (default: the beginning)")
+    when.add_argument("--until", type=when_t, metavar="WHEN",
+                      help="end of the window: 30m (ago), now, ISO time (default: now)")
+    u.add_argument("--by", choices=USAGE_BY, default="job", help="one row per job (default), group, node, user, or "
+                   "one row for all")
+    u.add_argument("--top", type=_int_range(1, UINT32_MAX, "row count"), metavar="N",
+                   help="only the N rows with the most bytes (the total still counts every row)")
+    u.add_argument("--step", type=_argtype(parse_duration, "duration"), metavar="DURATION",
+                   help="also the traffic per step (e.g. 5m): a series per row")
+    u.add_argument("-o", "--output", dest="usage_output", choices=["table", "json", "csv"],
+                   help="table (default), json, or csv (raw integers, stable header)")
+    u.add_argument("--chart", action="store_true",
+                   help="draw the bytes over time in the terminal (everything that matches, as one series)")
+    u.add_argument("--chart-file", metavar="PATH.svg", help="write the bytes over time as an SVG line chart")
+    u.set_defaults(func=cmd_usage, now=now)
+
     # topology
     t = sub.add_parser("topology", help="show groups, nodes, jobs and tunnels",
                        description="The overlay as text: per group, its nodes, jobs and tunnels.",
@@ -1122,6 +1424,8 @@ def main(argv: list[str] | None = None) -> int:
     ctx = Ctx(stub=pbg.ControllerStub(channel), channel=channel, address=args.controller,
               output=args.output, timeout=args.timeout)
     try:
+        if args.output == "csv" and args.func is not cmd_usage:
+            raise UsageError("-o csv is available for `jobnet usage` only: use -o table or -o json")
         code: int = args.func(ctx, args)
         return code
     except UsageError as e:
