@@ -38,6 +38,7 @@ class Config:
     underlay_mtu: int = 1500
     quarantine_s: float = 600.0
     node_timeout_s: float = 10.0
+    job_retention_s: float = 7 * 86400.0  # finished jobs stay on record this long (0: forever)
     heartbeat_interval_ms: int = 2000
     overhead: int = VXLAN_OVERHEAD_V4
     clock: Callable[[], float] = field(default=time.time)
@@ -267,6 +268,28 @@ class Controller:
         txn = Txn()
         txn.put("node", n2.name, to_record(n2))
         self._commit(txn)
+
+    def purge_finished(self, limit: int = 1000) -> int:
+        """Forget finished jobs older than the retention (at most `limit` per call, one transaction), and
+        expired quarantine entries. Their network totals stay in the accounting store."""
+        if not self.cfg.job_retention_s:
+            return 0
+        now = self.now()
+        cutoff = now - self.cfg.job_retention_s
+        txn = Txn()
+        old = [j.id for j in self.c.jobs.values()
+               if not is_live(j) and j.finished.seconds and j.finished.seconds < cutoff][:limit]
+        for job_id in old:
+            txn.delete("job", job_id)
+        for ip, until in list(self.c.quarantine.items())[:limit]:
+            if until <= now:
+                txn.delete("quarantine", ip)
+        if not txn:
+            return 0
+        self._commit(txn)
+        if old:
+            log.info("forgot %d finished job(s) older than %.0f h", len(old), self.cfg.job_retention_s / 3600)
+        return len(old)
 
     def check_lost(self) -> list[str]:
         """Mark nodes without a heartbeat within the timeout LOST. Their jobs stay as they are: a lost

@@ -83,6 +83,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "(default: %(default)s)")
     p.add_argument("--node-timeout-seconds", type=float, default=10,
                    help="a node without a heartbeat for this long is marked lost (default: %(default)s)")
+    p.add_argument("--job-retention-days", type=float, default=7,
+                   help="finished jobs stay on record (jobnet job list --all) this long; their network totals "
+                   "stay in the accounting store (default: %(default)s; 0: forever)")
     p.add_argument("--heartbeat-interval-ms", type=int, default=2000,
                    help="how often agents send heartbeats (default: %(default)s)")
     p.add_argument("--metrics-listen", metavar="HOST:PORT",
@@ -138,7 +141,8 @@ async def serve(a: argparse.Namespace) -> int:
         return 1
     cfg = Config(pool=a.pool_net, default_prefix=a.default_prefix, underlays=a.underlay_nets,
                  underlay_mtu=a.underlay_mtu, quarantine_s=a.quarantine_seconds,
-                 node_timeout_s=a.node_timeout_seconds, heartbeat_interval_ms=a.heartbeat_interval_ms)
+                 node_timeout_s=a.node_timeout_seconds,
+                 job_retention_s=a.job_retention_days * 86400, heartbeat_interval_ms=a.heartbeat_interval_ms)
     try:
         core = Controller(store, cfg)
     except ValueError as e:
@@ -183,12 +187,16 @@ async def serve(a: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
 
     async def watchdog() -> None:
+        ticks = 0
         while True:
             await asyncio.sleep(1.0)
+            ticks += 1
             try:
                 core.check_lost()
+                if ticks % 60 == 0:
+                    core.purge_finished()
             except Exception:
-                log.exception("node liveness check failed")
+                log.exception("periodic check failed")
 
     task = asyncio.create_task(watchdog())
     await stop.wait()
