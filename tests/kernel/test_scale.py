@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import resource
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -13,10 +14,10 @@ from dataclasses import dataclass, field
 import pytest
 
 from nodeagent.desired import DesiredState, GroupSpec, LocalJob, RemoteEndpoint
-from nodeagent.kernel.observe import job_netns_files, observe
+from nodeagent.kernel.observe import job_netns_files, observe, observe_node
 from nodeagent.kernel.steps import CreateJobNetwork, DeleteJobNeigh, DeleteJobNetwork, ReplaceJobNeigh, Step
 
-from .conftest import World
+from .conftest import Node, World
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -91,11 +92,13 @@ def test_the_200th_job_of_a_group_costs_o_n_and_a_full_noop_reconcile_stays_chea
     for rev in range(5):
         more, fewer = state(n, endpoints, rev + 2), state(n - 1, endpoints, rev + 10)
         _, steps = timed(lambda d=more: n1.reconcile(d), add)  # type: ignore[misc]
-        assert kinds(steps) == {"CreateJobNetwork": 1, "ReplaceJobNeigh": (n - 1) + (n - 1 + endpoints)}
+        assert kinds(steps) == {"CreateJobNetwork": 1, "ReplaceBridgeFdb": 1,
+                                "ReplaceJobNeigh": (n - 1) + (n - 1 + endpoints)}
         _, steps = timed(lambda d=fewer: n1.reconcile(d), remove)  # type: ignore[misc]
         assert kinds(steps) == {"DeleteJobNetwork": 1, "DeleteJobNeigh": n - 1}
     _, steps = timed(lambda: n1.reconcile(state(n, endpoints, 20)), add)
-    assert kinds(steps) == {"CreateJobNetwork": 1, "ReplaceJobNeigh": (n - 1) + (n - 1 + endpoints)}
+    assert kinds(steps) == {"CreateJobNetwork": 1, "ReplaceBridgeFdb": 1,
+                            "ReplaceJobNeigh": (n - 1) + (n - 1 + endpoints)}
     print(f"  add the {n}th job (incremental, {2 * (n - 1) + endpoints} entries): {add}")
     print(f"  remove it again ({n - 1} entries): {remove}")
     assert min(add.wall) < 1.0
@@ -123,8 +126,10 @@ def test_the_200th_job_of_a_group_costs_o_n_and_a_full_noop_reconcile_stays_chea
         for _ in range(3):
             timed(lambda whole=whole: n1.call(lambda: [observe(rec._ns, files, whole)]), cost)  # type: ignore[misc]
         print(f"  observe, {what}: {cost}")
+    print(f"  of which the node's namespace (links, FDB and neighbour dumps): {node_cost(n1)}")
     model = n1.call(rec.observed)
     assert sum(map(len, model.job_neigh.values())) == total
+    assert len(model.bridge_fdb) == n  # every local job's MAC, static on its port
 
     # A restarted reconciler reads every table whole once (then follows the notifications).
     n1.stop()
@@ -147,6 +152,30 @@ def test_the_200th_job_of_a_group_costs_o_n_and_a_full_noop_reconcile_stays_chea
     print(f"  full reconcile repairing one flushed job ({n - 1 + endpoints} entries): {took * 1e3:.0f} ms")
     for cls in (CreateJobNetwork, DeleteJobNetwork, DeleteJobNeigh):
         assert not any(isinstance(s, cls) for s in steps)
+
+    # As on a node made before static bridge FDB entries: every job port learns and has no entry.
+    jobs = [big_job(i) for i in range(n)]
+    res = subprocess.run(["bridge", "-n", n1.netns, "-batch", "-"], capture_output=True, text=True, timeout=60,
+                         input="".join(f"fdb del {j.mac} dev jnv{j.id} master\n" for j in jobs))
+    assert res.returncode == 0, res.stderr
+    res = subprocess.run(["ip", "-n", n1.netns, "-batch", "-"], capture_output=True, text=True, timeout=60,
+                         input="".join(f"link set jnv{j.id} type bridge_slave learning on\n" for j in jobs))
+    assert res.returncode == 0, res.stderr
+    took, steps = timed(lambda: n1.reconcile(full, full=True))
+    assert kinds(steps) == {"SetJobPort": n, "ReplaceBridgeFdb": n}
+    print(f"  first full reconcile on a node made before static bridge FDB entries ({n} ports set, {n} entries):"
+          f" {took * 1e3:.0f} ms")
+
+
+def node_cost(node: Node) -> Cost:
+    """What observing the node's own namespace costs: links (with the bridge ports' flags), one FDB dump
+    (VXLAN devices' entries and the bridges' static ones) and one neighbour dump."""
+    assert node.rec is not None
+    label = node.rec._ns.label
+    cost = Cost()
+    for _ in range(5):
+        timed(lambda: node.call(lambda: [observe_node(label)]), cost)  # type: ignore[misc]
+    return cost
 
 
 def spread(jobs: int, groups: int, rev: int = 1) -> DesiredState:
@@ -174,7 +203,7 @@ def test_500_jobs_full_reconcile(world: World, groups: int) -> None:
     add = Cost()
     for rev in range(3):
         _, steps = timed(lambda r=rev: n1.reconcile(spread(n, groups, 10 + 2 * r)), add)  # type: ignore[misc]
-        assert kinds(steps) == {"CreateJobNetwork": 1, "ReplaceJobNeigh": 2 * (per - 1)}
+        assert kinds(steps) == {"CreateJobNetwork": 1, "ReplaceBridgeFdb": 1, "ReplaceJobNeigh": 2 * (per - 1)}
         n1.reconcile(spread(n - 1, groups, 11 + 2 * rev))
     _, steps = timed(lambda: n1.reconcile(spread(n, groups, 20)), add)
     print(f"  add the {n}th job (incremental, {2 * (per - 1)} entries): {add}")
@@ -188,6 +217,8 @@ def test_500_jobs_full_reconcile(world: World, groups: int) -> None:
     for _ in range(3):
         timed(lambda: n1.call(lambda: [observe(rec._ns, files, lambda j, e: False)]), base)  # type: ignore[misc]
     print(f"  of which observing without any neighbour table: {base}")
+    print(f"  of which the node's namespace (links, FDB and neighbour dumps): {node_cost(n1)}")
+    assert len(n1.call(rec.observed).bridge_fdb) == n
     assert min(noop.wall) < 5.0
     n1.stop()
     n1.start()
