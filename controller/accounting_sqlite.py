@@ -157,30 +157,34 @@ class SqliteAccountingStore:
             db.execute("ROLLBACK")
             raise
 
-    def compact(self, before_ms: int, step_ms: int) -> int:
-        """Move the raw samples of the oldest bucket with t < before_ms (and before meta.replay_from) into
-        `thinned`, keeping the last of each step: one bucket per call and transaction, so flushes run in
-        between. Returns the number of raw samples removed (0: nothing left to do)."""
+    def compact(self, before_ms: int, step_ms: int, max_rows: int = 10_000) -> int:
+        """Move the raw samples of the buckets entirely before before_ms (and before meta.replay_from) into
+        `thinned`, keeping the last of each step: the oldest bucket's, about `max_rows` at a time (whole nodes),
+        one transaction per call, so flushes run in between (at 10,000 reports/s a bucket holds 100,000).
+        Returns the number of raw samples removed (0: nothing left to do)."""
         db = self.db
         db.execute("BEGIN IMMEDIATE")
         try:
             replay_from = db.execute("SELECT value FROM meta WHERE key = 'replay_from'").fetchone()[0]
             cut = before_ms if replay_from is None else min(before_ms, replay_from)
-            row = db.execute("SELECT b FROM samples ORDER BY b LIMIT 1").fetchone()
-            if row is None or row[0] * BUCKET_MS >= cut:
+            row = db.execute("SELECT b, node FROM samples ORDER BY b, node LIMIT 1").fetchone()
+            if row is None or row[0] >= cut // BUCKET_MS:
                 db.execute("COMMIT")
                 return 0
-            b = row[0]
-            # The bucket's rows come in (node, job, t) order, so the grouping needs no sort; max(t) makes the
-            # other columns those of the last sample of each step.
+            b, lo = row
+            row = db.execute("SELECT node FROM samples WHERE b = ? ORDER BY node LIMIT 1 OFFSET ?",
+                             (b, max_rows)).fetchone()
+            hi = b"" if row is None else max(row[0], lo + 1)  # BLOB sorts after every integer: the whole rest
+            # The rows come in (node, job, t) order, so the grouping needs no sort; max(t) makes the other
+            # columns those of the last sample of each step.
             db.execute(
                 f"INSERT INTO thinned (node, job, step, t, seq, {_C}) "
-                f"SELECT node, job, (t / ?1) * ?1, max(t), seq, {_C} FROM samples WHERE b = ?2 AND t < ?3 "
-                "GROUP BY node, job, t / ?1 "
+                f"SELECT node, job, (t / ?1) * ?1, max(t), seq, {_C} FROM samples "
+                "WHERE b = ?2 AND node < ?3 GROUP BY node, job, t / ?1 "
                 "ON CONFLICT (node, job, step) DO UPDATE SET t = excluded.t, seq = excluded.seq, "
                 + ", ".join(f"{c} = excluded.{c}" for c in COUNTERS) + " WHERE excluded.t > thinned.t",
-                (step_ms, b, cut))
-            moved: int = db.execute("DELETE FROM samples WHERE b = ? AND t < ?", (b, cut)).rowcount
+                (step_ms, b, hi))
+            moved: int = db.execute("DELETE FROM samples WHERE b = ? AND node < ?", (b, hi)).rowcount
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
