@@ -157,6 +157,7 @@ async def serve(a: argparse.Namespace) -> int:
                                                   keep_s=a.usage_retention, interval_s=a.usage_retention_interval),
                       commit_interval_s=a.usage_commit_ms / 1000)
     await acct.start()
+    metrics.EXTRA.append(lambda _core: metrics.accounting_metrics(acct))
     service = ControllerService(core, acct)
     server = grpc.aio.server(options=[("grpc.keepalive_permit_without_calls", 1),
                                       ("grpc.http2.min_ping_interval_without_data_ms", 5000)])

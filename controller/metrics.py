@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from controller.accounting import COUNTERS, Accounting, add_into
 from controller.cluster import is_live
 from controller.core import Controller
 from protos.jobnet.v1 import jobnet_pb2 as pb
@@ -109,3 +110,28 @@ def serve(core: Controller, address: str, loop: asyncio.AbstractEventLoop) -> An
     registry = CollectorRegistry()
     registry.register(_LoopCollector(core, loop))
     return start_http_server(int(port), addr=host or "0.0.0.0", registry=registry)
+
+
+def accounting_metrics(acct: Accounting) -> list[Metric]:
+    """Network totals of every job on record, summed per group, direction and class (counters: a job's totals
+    only grow; they leave this sum only when the accounting store forgets the job), and the ingest counters."""
+    by_group: dict[str, list[int]] = {}
+    for j in list(acct.jobs.values()):
+        add_into(by_group.setdefault(j.group, [0] * len(COUNTERS)), j.counters)
+    nbytes = CounterMetricFamily("jobnet_network_bytes", "Frame bytes of jobs by group, direction and class "
+                                 "(as reported by the agents; Ethernet header included).",
+                                 labels=["group", "direction", "class"])
+    npkts = CounterMetricFamily("jobnet_network_packets", "Frames of jobs by group, direction and class.",
+                                labels=["group", "direction", "class"])
+    for group in sorted(by_group):
+        acc = by_group[group]
+        for i, name in enumerate(COUNTERS):
+            direction, cls, kind = name.split("_")
+            (nbytes if kind == "bytes" else npkts).add_metric([group, direction, cls], acc[i])
+    st = acct.stats
+    reports = CounterMetricFamily("jobnet_usage_reports", "Usage reports received, by outcome.", labels=["outcome"])
+    for outcome, n in (("accepted", st.accepted), ("duplicate", st.duplicates), ("unknown_job", st.unknown)):
+        reports.add_metric([outcome], n)
+    flush = CounterMetricFamily("jobnet_usage_flush_seconds", "Time spent committing usage batches.")
+    flush.add_metric([], st.flush_seconds)
+    return [nbytes, npkts, reports, flush]

@@ -67,3 +67,29 @@ def test_metrics_agree_with_the_api(mctl: ControllerProc) -> None:
     # no job id appears as a label: cardinality stays bounded by nodes, groups and states
     text = urllib.request.urlopen(f"http://127.0.0.1:{mctl.port}/metrics", timeout=5).read().decode()  # type: ignore[attr-defined]
     assert not any(j.id in text for j in jobs)
+
+
+def test_network_bytes_by_group_and_class_agree_with_query_usage(mctl: ControllerProc) -> None:
+    import time
+
+    s = mctl.stub
+    mctl.node("n1", "198.18.5.11", "b1")
+    s.CreateGroup(pb.CreateGroupRequest(name="blue"))
+    jobs = [s.CreateJob(pb.CreateJobRequest(group="blue", node="n1", command=["true"])) for _ in range(2)]
+    now = int(time.time())
+    for i, j in enumerate(jobs):
+        net = pb.NetUsage(tx=pb.NetClassCounters(local=pb.NetCounters(bytes=1000 * (i + 1), packets=i + 1),
+                                                 overlay=pb.NetCounters(bytes=77, packets=1)),
+                          rx=pb.NetClassCounters(external=pb.NetCounters(bytes=42, packets=1)))
+        r = s.ReportUsage(pb.ReportUsageRequest(node="n1", boot_id="b1", reports=[
+            pb.JobUsageReport(job_id=j.id, seq=1, sampled={"seconds": now}, net=net)]))
+        assert r.accepted == 1
+    m = scrape(mctl.port)  # type: ignore[attr-defined]
+    q = s.QueryUsage(pb.QueryUsageRequest(group="blue", by="group")).rows[0].net
+    for direction, cls in (("tx", "local"), ("tx", "overlay"), ("rx", "external"), ("rx", "local")):
+        want = getattr(getattr(q, direction), cls)
+        labels = (("class", cls), ("direction", direction), ("group", "blue"))
+        assert m[("jobnet_network_bytes_total", labels)] == want.bytes
+        assert m[("jobnet_network_packets_total", labels)] == want.packets
+    assert m[("jobnet_network_bytes_total", (("class", "local"), ("direction", "tx"), ("group", "blue")))] == 3000
+    assert m[("jobnet_usage_reports_total", (("outcome", "accepted"),))] == 2
