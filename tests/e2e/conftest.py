@@ -3,6 +3,7 @@ namespace on an underlay bridge (deploy/lab.py). One lab per test module; torn d
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -22,12 +23,18 @@ METRICS_PORT = 9401  # each agent serves /metrics inside its own node namespace
 
 @pytest.fixture(scope="module")
 def lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
+    with running_lab(request, "jnt", ("--metrics-listen", f"0.0.0.0:{METRICS_PORT}")) as lab:
+        yield lab
+
+
+@contextlib.contextmanager
+def running_lab(request: pytest.FixtureRequest, prefix: str, agent_args: tuple[str, ...] = ()) -> Iterator[Lab]:
+    """A 3-node lab named <prefix><pid>, its logs kept as artifacts, torn down even on failure."""
     if os.geteuid() != 0:
         pytest.skip("needs root")
-    name = f"jnt{os.getpid() % 10000}"
+    name = f"{prefix}{os.getpid() % 10000}"
     lab = Lab(name=name, nodes=3, dir=Path(f"/run/jobnet/test-{name}"),
-              agent_args=("--resync-interval", "2", "--log-level", "DEBUG",
-                                                     "--metrics-listen", f"0.0.0.0:{METRICS_PORT}"))
+              agent_args=("--resync-interval", "2", "--log-level", "DEBUG", *agent_args))
     try:
         lab.up()
         yield lab

@@ -6,11 +6,9 @@ controller is away for a minute (the agents' spools hold the reports)."""
 
 from __future__ import annotations
 
-import os
 import signal
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,6 +16,7 @@ import pytest
 from deploy.lab import Lab, wait_running
 from protos.jobnet.v1 import jobnet_pb2 as pb
 from tests.accounting.conftest import frag_count
+from tests.e2e.conftest import running_lab
 
 pytestmark = [pytest.mark.root, pytest.mark.lab]
 pytest.importorskip("controller.accounting", reason="the controller side of accounting (ReportUsage) is not there")
@@ -59,20 +58,8 @@ for _ in range(repeat):
 
 @pytest.fixture(scope="module")
 def lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
-    if os.geteuid() != 0:
-        pytest.skip("needs root")
-    name = f"jnu{os.getpid() % 10000}"
-    lab = Lab(name=name, nodes=3, dir=Path(f"/run/jobnet/test-{name}"),
-              agent_args=("--resync-interval", "2", "--log-level", "DEBUG", "--usage-interval", "1"))
-    try:
-        lab.up()
+    with running_lab(request, "jnu", ("--usage-interval", "1")) as lab:
         yield lab
-    finally:
-        artifacts = Path(os.environ.get("JOBNET_ARTIFACTS", "/tmp/jobnet-artifacts")) / request.node.name
-        artifacts.mkdir(parents=True, exist_ok=True)
-        for log in lab.dir.rglob("*.log"):
-            (artifacts / f"{log.parent.name}-{log.name}").write_bytes(log.read_bytes())
-        lab.down()
 
 
 def net(n: pb.NetUsage) -> dict[str, tuple[int, int]]:
