@@ -20,11 +20,20 @@ import logging
 import os
 import socket
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from nodeagent import names
 from nodeagent.kernel import rawnl
-from nodeagent.kernel.errors import GONE_ERRNOS, AlreadyExists, InvalidArgument, KernelError, NotFound, from_oserror
+from nodeagent.kernel.errors import (
+    GONE_ERRNOS,
+    AlreadyExists,
+    InvalidArgument,
+    KernelError,
+    NotFound,
+    from_errno,
+    from_oserror,
+)
 from nodeagent.kernel.model import ZERO_MAC, NetSettings
 from nodeagent.kernel.namespaces import Namespaces, write_sysctl
 from nodeagent.kernel.neighwatch import NeighWatch
@@ -49,7 +58,9 @@ from nodeagent.kernel.steps import (
     ReplaceNeigh,
     SetJobPort,
     SetLink,
+    SpreadJobNeigh,
     Step,
+    WithdrawJobNeigh,
 )
 
 log = logging.getLogger("jobnet.agent.kernel")
@@ -57,7 +68,7 @@ log = logging.getLogger("jobnet.agent.kernel")
 # batched: apply_entries
 ENTRY_STEPS = (AddFloodEntry, ReplaceFdb, ReplaceNeigh, DeleteFdb, DeleteNeigh, ReplaceBridgeFdb, DeleteBridgeFdb)
 DELETE_ENTRY_STEPS = (DeleteFdb, DeleteNeigh, DeleteBridgeFdb)
-JOB_NEIGH_STEPS = (ReplaceJobNeigh, DeleteJobNeigh)  # batched per job namespace: apply_job_neigh
+JOB_NEIGH_STEPS = (ReplaceJobNeigh, DeleteJobNeigh, SpreadJobNeigh, WithdrawJobNeigh)  # apply_job_neigh
 FRESH_NS_ETH0_INDEX = 2  # a new namespace has only lo (ifindex 1): eth0 is created with ifindex 2
 # A job sends nothing on its own (every byte it sends is charged to it): no IPv6 (no link-local address,
 # DAD, router solicitation or MLD); no gratuitous ARP when eth0 comes up or changes its MAC (arp_notify,
@@ -65,6 +76,18 @@ FRESH_NS_ETH0_INDEX = 2  # a new namespace has only lo (ifindex 1): eth0 is crea
 # (ReplaceJobNeigh): no ARP for them either. IGMP: the all-hosts group 224.0.0.1 is never reported.
 JOB_SYSCTLS = {"ipv6/conf/all/disable_ipv6": "1", "ipv6/conf/default/disable_ipv6": "1",
                "ipv4/conf/all/arp_notify": "0", "ipv4/conf/default/arp_notify": "0"}
+
+
+@dataclass
+class _JobSock:
+    sock: socket.socket
+    eth0: int  # 0: look it up (through the socket) before the next use
+    ino: int  # of the namespace it was opened in
+
+
+def _gone(e: KernelError) -> bool:
+    """The namespace, its eth0 or the entry is not there (which satisfies a delete)."""
+    return e.errno in GONE_ERRNOS or (isinstance(e, InvalidArgument) and e.op in ("open netns", "setns"))
 
 
 def _ipv6_off(ifname: str, netns: str) -> None:
@@ -85,9 +108,15 @@ class Applier:
         self.watch = watch  # told about job namespaces made, remade and removed
         self._index: dict[str, int] = {}
         self._raw = rawnl.route_socket()  # in the calling thread's (= the agent's) namespace
+        # A socket in each job namespace (opened when the namespace is made, or on first use), so writing
+        # neighbour entries there needs no setns; and its eth0's ifindex.
+        self._jobsocks: dict[str, _JobSock] = {}
+        self._open_errors: dict[str, KernelError] = {}
 
     def close(self) -> None:
         self._raw.close()
+        for job_id in list(self._jobsocks):
+            self._close_job_sock(job_id)
 
     def reset_index(self, index: dict[str, int]) -> None:
         self._index = dict(index)
@@ -123,10 +152,8 @@ class Applier:
                 (err,) = self.apply_entries([step])
                 if err is not None:
                     raise err
-            case ReplaceJobNeigh() | DeleteJobNeigh():
-                (err,) = self.apply_job_neigh([step])
-                if err is not None:
-                    raise err
+            case ReplaceJobNeigh() | DeleteJobNeigh() | SpreadJobNeigh() | WithdrawJobNeigh():
+                self.apply_job_neigh(step)
             case CreateBridge():
                 self._create_bridge(step)
             case CreateVxlan():
@@ -188,54 +215,162 @@ class Applier:
                 return rawnl.bridge_fdb("delete", bridge, dev, idx, mac)
         raise TypeError(f"not an entry step: {step}")
 
-    def apply_job_neigh(self, steps: Sequence[Step]) -> list[Exception | None]:
-        """Apply ReplaceJobNeigh / DeleteJobNeigh steps (JOB_NEIGH_STEPS); each one's outcome, in order. One
-        worker thread enters each job namespace once and sends its entries in batches. A namespace or eth0
-        that is not there fails a replace (NotFound) and satisfies a delete, as does an entry already gone."""
-        outcome: list[Exception | None] = [None] * len(steps)
-        by_ns: dict[str, list[int]] = {}
-        for i, step in enumerate(steps):
-            if not isinstance(step, JOB_NEIGH_STEPS):
+    # -- neighbour entries in job namespaces ----------------------------------------------------------
+
+    def apply_job_neigh(self, step: Step) -> None:
+        """Apply a ReplaceJobNeigh / DeleteJobNeigh (many entries, one job: one datagram) or a
+        SpreadJobNeigh / WithdrawJobNeigh (one entry, many jobs: one small request each, all sent before
+        the answers are read) through the socket the agent keeps in each job namespace. A namespace or eth0
+        that is not there fails a replace (NotFound) and satisfies a delete, as does an entry already gone.
+        Raises the first failure (the others are logged); the entries that were written stay written (and
+        are told to the neighbour watch)."""
+        match step:
+            case ReplaceJobNeigh(job_id=job_id, entries=entries):
+                self._job_entries(job_id, entries, ())
+            case DeleteJobNeigh(job_id=job_id, entries=entries):
+                self._job_entries(job_id, (), [ip for ip, _ in entries])
+            case SpreadJobNeigh(ip=ip, mac=mac, jobs=jobs):
+                self._fan_out(ip, mac, jobs)
+            case WithdrawJobNeigh(ip=ip, jobs=jobs):
+                self._fan_out(ip, None, jobs)
+            case _:
                 raise TypeError(f"not a job neighbour step: {step}")
-            by_ns.setdefault(step.netns, []).append(i)
 
-        def inside(netns: str, path: Path) -> list[tuple[int, KernelError]] | KernelError:
+    def _job_entries(self, job_id: str, replace: Sequence[tuple[bytes, bytes]], delete: Sequence[bytes]) -> None:
+        netns = names.job_netns(job_id)
+        try:
+            js = self._job_sock(job_id)
+        except KernelError as e:
+            if replace or not _gone(e):
+                raise
+            return  # deletes: gone with the namespace or its eth0
+        try:
+            results = rawnl.job_neigh(js.sock, js.eth0, replace, delete, netns)
+        except OSError as e:
+            self._close_job_sock(job_id)  # (a socket in an unknown state: opened anew next time)
+            raise from_oserror("write neighbour entries", names.JOB_IFNAME, netns, e) from e
+        first: KernelError | None = None
+        failed = 0
+        for i, res in enumerate(results):
+            if res is None or (i >= len(replace) and res[0] in GONE_ERRNOS):
+                continue
+            failed += 1
+            if first is None:
+                what = (f"{socket.inet_ntoa(replace[i][0])} lladdr {replace[i][1].hex(':')}" if i < len(replace)
+                        else socket.inet_ntoa(delete[i - len(replace)]))
+                first = from_errno("replace neigh" if i < len(replace) else "delete neigh",
+                                   f"{what} dev {names.JOB_IFNAME}", netns, *res)
+        if self.watch is not None:
+            if failed:
+                self.watch.invalidate(job_id)  # some went, some did not: read it whole next time
+            else:
+                self.watch.applied(job_id, replace, delete)
+        if first is not None:
+            if failed > 1:
+                log.warning("%d of %d neighbour entries in %s failed; the first: %s", failed, len(results), netns,
+                            first)
+            raise first
+
+    def _fan_out(self, ip: bytes, mac: bytes | None, jobs: Sequence[str]) -> None:
+        sent: list[tuple[str, _JobSock, int]] = []
+        errors: list[tuple[str, KernelError]] = []
+        self.open_job_sockets([j for j in jobs if j not in self._jobsocks])
+        for job_id in jobs:
             try:
-                eth0 = socket.if_nametoindex(names.JOB_IFNAME)  # of the worker thread's (= the job's) netns
-            except OSError:
-                return NotFound("look up link", names.JOB_IFNAME, netns, errno.ENODEV, "no such device")
-            requests: list[rawnl.Request] = []
-            sent: list[int] = []
-            failed: list[tuple[int, KernelError]] = []
-            for i in by_ns[netns]:
-                step = steps[i]
-                assert isinstance(step, JOB_NEIGH_STEPS)
-                try:
-                    requests.append(rawnl.neigh("replace" if isinstance(step, ReplaceJobNeigh) else "delete",
-                                                names.JOB_IFNAME, eth0, step.ip, step.mac))
-                except ValueError as e:  # a malformed address fails its own step, not the batch
-                    failed.append((i, InvalidArgument("encode", str(step), netns, errno.EINVAL, str(e))))
-                    continue
-                sent.append(i)
-            try:
-                with rawnl.route_socket() as sock:
-                    results = rawnl.send_all(sock, requests, netns)
+                js = self._job_sock(job_id)
+                sent.append((job_id, js, rawnl.neigh_one(js.sock, js.eth0, ip, mac)))
+            except KernelError as e:
+                errors.append((job_id, e))
             except OSError as e:
-                return from_oserror("send neighbour batch", names.JOB_IFNAME, netns, e)
+                self._close_job_sock(job_id)
+                errors.append((job_id, from_oserror("write neighbour entry", names.JOB_IFNAME,
+                                                    names.job_netns(job_id), e)))
+        done: list[str] = []
+        for job_id, js, seq in sent:
+            netns = names.job_netns(job_id)
+            try:
+                res = rawnl.ack_of(js.sock, seq, netns)
+            except OSError as e:
+                self._close_job_sock(job_id)
+                errors.append((job_id, from_oserror("read neighbour ack", names.JOB_IFNAME, netns, e)))
+                continue
+            if res is None:
+                done.append(job_id)
+            else:
+                what = f"{socket.inet_ntoa(ip)}" + (f" lladdr {mac.hex(':')}" if mac is not None else "")
+                errors.append((job_id, from_errno("replace neigh" if mac is not None else "delete neigh",
+                                                  f"{what} dev {names.JOB_IFNAME}", netns, *res)))
+        if self.watch is not None:
+            for job_id in done:
+                self.watch.applied(job_id, [(ip, mac)] if mac is not None else (), () if mac is not None else (ip,))
+        if mac is None:  # deletes: gone with the namespace, its eth0 or the entry itself is fine
+            errors = [(j, e) for j, e in errors if not _gone(e)]
+        if errors:
             if self.watch is not None:
-                self.watch.drain()  # our own notifications, before thousands of them pile up
-            failed += [(i, err) for i, err in zip(sent, results, strict=True) if err is not None]
-            return failed
+                for job_id, _ in errors:
+                    self.watch.invalidate(job_id)
+            if len(errors) > 1:
+                log.warning("neighbour entry %s failed in %d of %d job namespaces: %s", socket.inet_ntoa(ip),
+                            len(errors), len(jobs), "; ".join(str(e) for _, e in errors[:5]))
+            raise errors[0][1]
 
-        paths = {netns: self.job_netns_path(netns) for netns in by_ns}
-        for netns, res in self.ns.run_in_each(paths, inside).items():
-            failed = [(i, res) for i in by_ns[netns]] if isinstance(res, KernelError) else res
-            for i, err in failed:
-                not_a_netns = isinstance(err, InvalidArgument) and err.op in ("open netns", "setns")
-                if isinstance(steps[i], DeleteJobNeigh) and (err.errno in GONE_ERRNOS or not_a_netns):
-                    continue  # gone already, or with its eth0 or namespace
-                outcome[i] = err
-        return outcome
+    # -- the agent's socket in each job namespace ----------------------------------------------------
+
+    def _job_sock(self, job_id: str) -> _JobSock:
+        """The job namespace's socket, opened (entering the namespace once) if there is none; NotFound when
+        the namespace has no eth0."""
+        js = self._jobsocks.get(job_id)
+        if js is None:
+            self.open_job_sockets([job_id])
+            js = self._jobsocks.get(job_id)
+            if js is None:
+                raise self._open_errors.pop(job_id)
+        netns = names.job_netns(job_id)
+        if not js.eth0:
+            js.eth0 = rawnl.link_index(js.sock, names.JOB_IFNAME, netns)
+            if not js.eth0:
+                raise NotFound("look up link", names.JOB_IFNAME, netns, errno.ENODEV, "no such device")
+        return js
+
+    def open_job_sockets(self, job_ids: Sequence[str]) -> None:
+        """Open the sockets of these job namespaces, all from one worker thread. A namespace that cannot be
+        entered keeps its error for `_job_sock`."""
+        if not job_ids:
+            return
+
+        def inside(job_id: str, path: Path) -> _JobSock:
+            sock = rawnl.job_socket()
+            try:
+                ino = os.stat("/proc/thread-self/ns/net").st_ino
+                try:
+                    eth0 = socket.if_nametoindex(names.JOB_IFNAME)
+                except OSError:
+                    eth0 = 0
+            except BaseException:
+                sock.close()
+                raise
+            return _JobSock(sock, eth0, ino)
+
+        paths = {job_id: self.job_netns_path(names.job_netns(job_id)) for job_id in job_ids}
+        for job_id, res in self.ns.run_in_each(paths, inside).items():
+            if isinstance(res, KernelError):
+                self._open_errors[job_id] = res
+            else:
+                self._close_job_sock(job_id)
+                self._jobsocks[job_id] = res
+
+    def _close_job_sock(self, job_id: str) -> None:
+        js = self._jobsocks.pop(job_id, None)
+        if js is not None:
+            js.sock.close()  # (it holds the namespace: closed before the namespace is to go)
+
+    def retain_job_sockets(self, inos: dict[str, int]) -> None:
+        """Keep the sockets of the job namespaces in `inos` (job id -> the inode its file has now): a
+        namespace file that is gone, or that holds another namespace now, loses its socket."""
+        for job_id, js in list(self._jobsocks.items()):
+            if inos.get(job_id) != js.ino:
+                self._close_job_sock(job_id)
+        self._open_errors.clear()
 
     def _index_or_none(self, ifname: str) -> int | None:
         try:
@@ -281,6 +416,7 @@ class Applier:
         # Only the namespace file: the veth dies with the namespace, in the kernel's own (asynchronous,
         # batched) cleanup; deleting it here would wait for an RCU grace period per job.
         self._forget(step.host_ifname)
+        self._close_job_sock(step.job_id)
         if self.watch is not None:
             self.watch.forget(step.job_id)
         self.ns.remove(self.job_netns_path(step.netns))
@@ -288,10 +424,14 @@ class Applier:
     def _create_job(self, spec: JobNetSpec) -> None:
         path = self.job_netns_path(spec.netns)
 
+        made: list[_JobSock] = []
+
         def inside(agent_netns_fd: int) -> None:
-            # eth0 here with ifindex 2 (a new namespace has only lo, ifindex 1), its peer in our namespace
+            # eth0 here with ifindex 2 (a new namespace has only lo, ifindex 1), its peer in our namespace.
+            # The socket stays open: the job's neighbour entries go through it (apply_job_neigh).
             eth0 = FRESH_NS_ETH0_INDEX
-            with rawnl.route_socket() as sock:
+            sock = rawnl.job_socket()
+            try:
                 rawnl.send(sock, [
                     rawnl.veth_here(names.JOB_IFNAME, eth0, spec.mac, spec.mtu, spec.host_ifname, agent_netns_fd),
                     rawnl.link_up("lo", LOOPBACK_IFINDEX),
@@ -299,6 +439,12 @@ class Applier:
                     rawnl.addr_replace(names.JOB_IFNAME, eth0, spec.ip, spec.prefixlen),
                     rawnl.default_route_replace(names.JOB_IFNAME, eth0, spec.gateway),
                 ], spec.netns)
+                made.append(_JobSock(sock, eth0, os.stat("/proc/thread-self/ns/net").st_ino))
+            except BaseException:
+                sock.close()
+                raise
+
+        self._close_job_sock(spec.job_id)  # (of a namespace that was there before: it holds it)
 
         for attempt in (1, 2):
             try:
@@ -314,6 +460,8 @@ class Applier:
                 # A veth of that name outlived its namespace file (a process pinned the namespace, or the
                 # kernel has not finished cleaning it up): it is ours and stale.
                 self.nl.delete_link(spec.host_ifname)
+        if made:
+            self._jobsocks[spec.job_id] = made[0]
         self._forget(spec.host_ifname)
         try:
             self._attach_port(spec)
@@ -332,6 +480,9 @@ class Applier:
         path = self.job_netns_path(spec.netns)
         if self.watch is not None:
             self.watch.invalidate(spec.job_id)  # eth0 (its ifindex) may be new: read its table whole again
+        js = self._jobsocks.get(spec.job_id)
+        if js is not None:
+            js.eth0 = 0  # looked up again
         fd = self.ns.enter(path, JOB_SYSCTLS)
         with Netlink(spec.netns, fileno=fd) as job_nl:
             if recreate_veth:

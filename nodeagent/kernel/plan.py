@@ -6,7 +6,7 @@ Step order, and why:
   1. DeleteJobNetwork, DeleteLink(job veth)  - jobs no longer wanted (or broken) go first: they free bridge
                                                ports; a stray veth must go before its job is made anew.
   2. DeleteNeigh, DeleteFdb, DeleteBridgeFdb, - stale entries on devices that stay (entries on devices that
-     DeleteJobNeigh                            go die with them: a port's bridge FDB entries die with it).
+     DeleteJobNeigh, WithdrawJobNeigh          go die with them: a port's bridge FDB entries die with it).
   3. DeleteLink(vxlan), then DeleteLink(bridge) - groups gone, or malformed devices to recreate: a port
                                                before its master.
   4. CreateBridge / SetLink(bridge)          - the bridge is the master of everything below.
@@ -19,6 +19,8 @@ Step order, and why:
                                                entry whatever the model says).
   9. ReplaceJobNeigh                         - need the job's eth0 (made or configured anew in 7: that
                                                flushes its entries, so such a job gets all of them).
+ 10. SpreadJobNeigh                          - a new peer's entry into the other jobs of its group (the
+                                               group's convergence on this node: one step per address).
 The creates are planned against the model as it will be after the deletes (`advance`), so whatever hangs
 off a recreated device (its entries, its ports' master) is planned anew.
 """
@@ -28,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import re
-import socket
 from dataclasses import dataclass, field, replace
 
 from nodeagent import names
@@ -66,7 +67,9 @@ from nodeagent.kernel.steps import (
     ReplaceNeigh,
     SetJobPort,
     SetLink,
+    SpreadJobNeigh,
     Step,
+    WithdrawJobNeigh,
 )
 
 # -- what we want, as model objects ----------------------------------------------------------------
@@ -481,11 +484,6 @@ def _creates(want: Wanted, have: Observed, keys: Keys) -> list[Step]:
 # -- neighbour entries in job namespaces -----------------------------------------------------------
 
 
-def _job_neigh_step(kind: type[ReplaceJobNeigh] | type[DeleteJobNeigh], job_id: str, ip: bytes,
-                    mac: bytes) -> ReplaceJobNeigh | DeleteJobNeigh:
-    return kind(job_id, names.job_netns(job_id), socket.inet_ntoa(ip), mac.hex(":"))
-
-
 def _in_sync(have: dict[bytes, bytes], peers: dict[bytes, bytes], own: bytes | None) -> bool:
     """`have` is exactly `peers` without the job's own address (set operations in C: a full reconcile
     checks every job of a 200-job group against its 199 peers)."""
@@ -499,8 +497,9 @@ def _members(want: Wanted, keys: Keys) -> dict[str, list[str]]:
 
 
 def _job_neigh_deletes(want: Wanted, observed: Observed, keys: Keys) -> list[Step]:
-    """Permanent entries no peer needs: in the jobs of `keys.jobs` all of them, elsewhere those of the
-    addresses in `keys.peers`. Jobs that go or have no eth0 lose their entries with it."""
+    """Permanent entries no peer needs: in the jobs of `keys.jobs` all of them (one DeleteJobNeigh per job),
+    elsewhere those of the addresses in `keys.peers` (one WithdrawJobNeigh per address). Jobs that go or have
+    no eth0 lose their entries with it."""
     out: list[Step] = []
     for job_id in sorted(keys.jobs):
         have = observed.job_neigh.get(job_id)
@@ -508,24 +507,24 @@ def _job_neigh_deletes(want: Wanted, observed: Observed, keys: Keys) -> list[Ste
             continue
         peers, own = want.peers.get(want.job_group[job_id], NO_PEERS), want.job_ip.get(job_id)
         if own in have or not have.keys() <= peers.keys():
-            out += [_job_neigh_step(DeleteJobNeigh, job_id, ip, mac) for ip, mac in sorted(have.items())
-                    if ip == own or ip not in peers]
+            stale = tuple(sorted((ip, mac) for ip, mac in have.items() if ip == own or ip not in peers))
+            out.append(DeleteJobNeigh(job_id, names.job_netns(job_id), stale))
     members = _members(want, keys)
+    job_neigh, job_ip = observed.job_neigh, want.job_ip
     for group, ip in sorted(keys.peers):
         peers = want.peers.get(group, NO_PEERS)
-        for job_id in members[group]:
-            have = observed.job_neigh.get(job_id)
-            if job_id in keys.jobs or not have:
-                continue
-            mac = have.get(ip)
-            if mac is not None and (ip not in peers or ip == want.job_ip.get(job_id)):
-                out.append(_job_neigh_step(DeleteJobNeigh, job_id, ip, mac))
+        unwanted = ip not in peers
+        holders = tuple(job_id for job_id in members[group] if job_id not in keys.jobs
+                        and ip in job_neigh.get(job_id, NO_PEERS) and (unwanted or ip == job_ip.get(job_id)))
+        if holders:
+            out.append(WithdrawJobNeigh(ip, holders))
     return out
 
 
 def _job_neigh_creates(want: Wanted, have_model: Observed, keys: Keys, fresh: set[str]) -> list[Step]:
     """Missing or wrong (other MAC, not permanent) entries of the peers: in the jobs of `keys.jobs` all
-    of them, elsewhere those of the addresses in `keys.peers`."""
+    of them (one ReplaceJobNeigh per job), elsewhere those of the addresses in `keys.peers` (one
+    SpreadJobNeigh per address, last: the group's convergence)."""
     out: list[Step] = []
     for job_id in sorted(keys.jobs):
         if job_id not in want.jobs:
@@ -535,19 +534,25 @@ def _job_neigh_creates(want: Wanted, have_model: Observed, keys: Keys, fresh: se
             continue  # no eth0, and none made in this plan: nothing to put entries on
         peers, own = want.peers.get(want.job_group[job_id], NO_PEERS), want.job_ip.get(job_id)
         if not _in_sync(have, peers, own):
-            out += [_job_neigh_step(ReplaceJobNeigh, job_id, ip, mac) for ip, mac in sorted(peers.items())
-                    if ip != own and have.get(ip) != mac]
+            # (the group's peers in their own order: a new job of a big group gets hundreds)
+            missing = tuple(e for e in peers.items() if e[0] != own and have.get(e[0]) != e[1])
+            if missing:
+                out.append(ReplaceJobNeigh(job_id, names.job_netns(job_id), missing))
     members = _members(want, keys)
+    job_neigh, job_ip = have_model.job_neigh, want.job_ip
     for group, ip in sorted(keys.peers):
         mac = want.peers.get(group, NO_PEERS).get(ip)
         if mac is None:
             continue
+        lacking = []
         for job_id in members[group]:
-            if job_id in keys.jobs or job_id in fresh or ip == want.job_ip.get(job_id):
+            if job_id in keys.jobs or job_id in fresh or ip == job_ip.get(job_id):
                 continue
-            have = have_model.job_neigh.get(job_id)
+            have = job_neigh.get(job_id)
             if have is not None and have.get(ip) != mac:
-                out.append(_job_neigh_step(ReplaceJobNeigh, job_id, ip, mac))
+                lacking.append(job_id)
+        if lacking:
+            out.append(SpreadJobNeigh(ip, mac, tuple(lacking)))
     return out
 
 
@@ -597,12 +602,20 @@ def advance(model: Observed, step: Step, settings: NetSettings) -> None:
                 del model.bridge_fdb[(bridge, mac)]
         case ReplaceBridgeFdb(bridge=bridge, port=port, mac=mac):
             model.bridge_fdb[(bridge, mac)] = BridgeFdbEntry(bridge, mac, port)
-        case DeleteJobNeigh(job_id=job_id, ip=ip):
+        case DeleteJobNeigh(job_id=job_id, entries=entries):
             have = model.job_neigh.get(job_id)
             if have is not None:
-                have.pop(socket.inet_aton(ip), None)
-        case ReplaceJobNeigh(job_id=job_id, ip=ip, mac=mac):
-            model.job_neigh.setdefault(job_id, {})[socket.inet_aton(ip)] = bytes.fromhex(mac.replace(":", ""))
+                for ip, _ in entries:
+                    have.pop(ip, None)
+        case ReplaceJobNeigh(job_id=job_id, entries=entries):
+            model.job_neigh.setdefault(job_id, {}).update(entries)
+        case SpreadJobNeigh(ip=ip, mac=mac, jobs=jobs):
+            advance_spread(model, ip, mac, jobs)
+        case WithdrawJobNeigh(ip=ip, jobs=jobs):
+            for job_id in jobs:
+                have = model.job_neigh.get(job_id)
+                if have is not None:
+                    have.pop(ip, None)
         case CreateBridge(ifname=ifname, mtu=mtu):
             model.links[ifname] = bridge_link(ifname, mtu)
         case CreateVxlan(ifname=ifname, vni=vni, bridge=bridge, mtu=mtu):
@@ -628,6 +641,18 @@ def advance(model: Observed, step: Step, settings: NetSettings) -> None:
             model.jobs[spec.job_id] = job_ns(spec)
             model.job_neigh[spec.job_id] = {}  # a new eth0, or one whose MAC was set: no entries
             model.links[spec.host_ifname] = host_veth_link(spec)
+
+
+def advance_spread(model: Observed, ip: bytes, mac: bytes, jobs: tuple[str, ...] | list[str]) -> None:
+    """The model after `ip -> mac` was written into these jobs' namespaces (all of a SpreadJobNeigh, or
+    those of them that succeeded)."""
+    job_neigh = model.job_neigh
+    for job_id in jobs:
+        have = job_neigh.get(job_id)
+        if have is None:
+            job_neigh[job_id] = {ip: mac}
+        else:
+            have[ip] = mac
 
 
 def _drop_bridge_fdb(model: Observed, ifname: str, keep_bridge: str = "") -> None:

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import itertools
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from nodeagent.kernel.errors import DumpInterrupted, KernelError, from_errno
@@ -159,6 +160,124 @@ def neigh(op: str, dev: str, ifindex: int, ip: str, mac: str) -> Request:
         return Request("replace neigh", f"{ip} lladdr {mac} dev {dev}", RTM_NEWNEIGH, NLM_F_CREATE | NLM_F_REPLACE,
                        body + _attr(NDA_LLADDR, _mac(mac)))
     return Request("delete neigh", f"{ip} dev {dev}", RTM_DELNEIGH, 0, body)
+
+
+# The port id of the agent's netlink socket in every job namespace (port ids are per namespace): the
+# neighbour watch drops the notifications of our own changes by it (neighwatch.py), so writing a group's
+# N-1 entries into a new job costs no Python per notification.
+JOB_PORTID = 0x6A6E0001
+_NEIGH_NEW = struct.Struct("=IHHIIBxxxiHBBHH4sHH6sxx")  # nlmsghdr ndmsg NDA_DST(4) NDA_LLADDR(6)+pad: 48 bytes
+_NEIGH_DEL = struct.Struct("=IHHIIBxxxiHBBHH4s")  # 36 bytes
+_seq = itertools.count()
+
+
+def _seq_base() -> int:
+    """A fresh block of 65536 sequence numbers (u32 wraps after 65535 blocks: long enough to be unique)."""
+    return (next(_seq) % 0xFFFF + 1) << 16
+
+
+def job_socket() -> socket.socket:
+    """A route socket in the calling thread's namespace (a job's), bound to JOB_PORTID; should something
+    else hold that port there, to any (the watch then sees our own notifications: slower, still right)."""
+    s = route_socket()
+    try:
+        s.bind((JOB_PORTID, 0))
+    except OSError:
+        s.bind((0, 0))
+    return s
+
+
+def job_neigh(sock: socket.socket, ifindex: int, replace: Sequence[tuple[bytes, bytes]], delete: Sequence[bytes],
+              netns: str, chunk: int = 256) -> list[tuple[int, str] | None]:
+    """Permanent IPv4 neighbour entries on `ifindex` through `sock` (in the job's namespace): `replace`
+    (packed ip, packed mac) then `delete` (packed ip), in datagrams of `chunk` messages where only the last
+    asks for an ack (the kernel answers every failed message anyway, and processes a datagram's messages
+    in order, to the end). Each one's outcome in that order: None or (errno, extended ack message)."""
+    items: list[tuple[bytes, bytes | None]] = [*replace, *((ip, None) for ip in delete)]
+    out: list[tuple[int, str] | None] = [None] * len(items)
+    new, gone = _NEIGH_NEW.pack, _NEIGH_DEL.pack
+    for start in range(0, len(items), chunk):
+        part = items[start:start + chunk]
+        base = _seq_base()  # seqs unique across calls: a stale answer is never taken for this one's
+        last = base + len(part) - 1
+        msgs = []
+        for seq, (ip, mac) in enumerate(part, base):
+            ack = NLM_F_ACK if seq == last else 0
+            if mac is not None:
+                msgs.append(new(48, RTM_NEWNEIGH, NLM_F_REQUEST | NLM_F_CREATE | NLM_F_REPLACE | ack, seq, 0,
+                                socket.AF_INET, ifindex, NUD_PERMANENT, 0, 0, 8, NDA_DST, ip, 10, NDA_LLADDR, mac))
+            else:
+                msgs.append(gone(36, RTM_DELNEIGH, NLM_F_REQUEST | ack, seq, 0, socket.AF_INET, ifindex, 0, 0, 0,
+                                 8, NDA_DST, ip))
+        sock.send(b"".join(msgs))
+        while True:
+            data = _recv(sock, netns)
+            off, finished = 0, False
+            while off + 16 <= len(data):
+                length, kind, flags, seq = struct.unpack_from("=IHHI", data, off)
+                if length < 16:
+                    break
+                if kind == NLMSG_ERROR and base <= seq <= last:
+                    (err,) = struct.unpack_from("=i", data, off + 16)
+                    if err:
+                        out[start + seq - base] = (-err, _ext_ack_msg(data[off:off + length], flags))
+                    finished = finished or seq == last
+                off += (length + 3) & ~3
+            if finished:
+                break
+    return out
+
+
+def neigh_one(sock: socket.socket, ifindex: int, ip: bytes, mac: bytes | None) -> int:
+    """Send ONE permanent neighbour replace (`mac`) or delete (None) with an ack asked; return its seq for
+    `ack_of` (a fan-out sends to every job namespace first, then reads the answers)."""
+    seq = _seq_base()
+    if mac is not None:
+        sock.send(_NEIGH_NEW.pack(48, RTM_NEWNEIGH, NLM_F_REQUEST | NLM_F_CREATE | NLM_F_REPLACE | NLM_F_ACK, seq,
+                                  0, socket.AF_INET, ifindex, NUD_PERMANENT, 0, 0, 8, NDA_DST, ip, 10, NDA_LLADDR,
+                                  mac))
+    else:
+        sock.send(_NEIGH_DEL.pack(36, RTM_DELNEIGH, NLM_F_REQUEST | NLM_F_ACK, seq, 0, socket.AF_INET, ifindex,
+                                  0, 0, 0, 8, NDA_DST, ip))
+    return seq
+
+
+def ack_of(sock: socket.socket, seq: int, netns: str) -> tuple[int, str] | None:
+    """The answer to the request `seq` on `sock`: None (done) or (errno, extended ack message)."""
+    while True:
+        data = _recv(sock, netns)
+        off = 0
+        while off + 16 <= len(data):
+            length, kind, flags, got = struct.unpack_from("=IHHI", data, off)
+            if length < 16:
+                break
+            if kind == NLMSG_ERROR and got == seq:
+                (err,) = struct.unpack_from("=i", data, off + 16)
+                return (-err, _ext_ack_msg(data[off:off + length], flags)) if err else None
+            off += (length + 3) & ~3
+
+
+def link_index(sock: socket.socket, ifname: str, netns: str) -> int:
+    """The ifindex of `ifname` in the namespace of `sock` (RTM_GETLINK by name); 0 when there is none."""
+    seq = _seq_base()
+    body = _ifinfo() + _attr(IFLA_IFNAME, _str(ifname))
+    sock.send(struct.pack("=IHHII", 16 + len(body), RTM_GETLINK, NLM_F_REQUEST, seq, 0) + body)
+    while True:
+        data = _recv(sock, netns)
+        off = 0
+        while off + 16 <= len(data):
+            length, kind, _, got = struct.unpack_from("=IHHI", data, off)
+            if length < 16:
+                break
+            if got == seq:
+                if kind == RTM_NEWLINK:
+                    return int(struct.unpack_from("=i", data, off + 20)[0])
+                if kind == NLMSG_ERROR:
+                    (err,) = struct.unpack_from("=i", data, off + 16)
+                    if err in (-errno.ENODEV, -errno.ENOENT):
+                        return 0
+                    raise from_errno("look up link", ifname, netns, -err)
+            off += (length + 3) & ~3
 
 
 def route_socket() -> socket.socket:

@@ -16,13 +16,15 @@ notifications (neighwatch.py): N jobs of one group hold N*(N-1) entries.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import time
 from pathlib import Path
 
 from nodeagent import names
 from nodeagent.desired import DesiredState
-from nodeagent.kernel.apply import ENTRY_STEPS, JOB_NEIGH_STEPS, Applier
+from nodeagent.kernel.apply import ENTRY_STEPS, Applier
 from nodeagent.kernel.errors import DependencyFailed, KernelError, ReconcileError, StepFailed
 from nodeagent.kernel.model import NetSettings, Observed
 from nodeagent.kernel.namespaces import Namespaces
@@ -44,8 +46,14 @@ from nodeagent.kernel.steps import (
     ReplaceNeigh,
     SetJobPort,
     SetLink,
+    SpreadJobNeigh,
     Step,
+    WithdrawJobNeigh,
 )
+
+# (A SpreadJobNeigh needs nothing made in the same pass: a job made there gets all its entries from its own
+# ReplaceJobNeigh, never from a spread.)
+FAN_OUT_STEPS = (SpreadJobNeigh, WithdrawJobNeigh)
 
 __all__ = ["NetSettings", "NetworkReconciler", "ReconcileError", "Step"]
 
@@ -85,8 +93,9 @@ def _makes(step: Step) -> tuple[str, ...]:
 
 def _batch(step: Step) -> int:
     """Steps of the same batch kind in a row are applied together: 1 entries on our VXLAN devices and
-    bridges, 2 neighbour entries in job namespaces; 0: one by one."""
-    return 1 if isinstance(step, ENTRY_STEPS) else 2 if isinstance(step, JOB_NEIGH_STEPS) else 0
+    bridges; 0: one by one (a job neighbour step is a batch of its own: many entries in one namespace, or
+    one entry in many)."""
+    return 1 if isinstance(step, ENTRY_STEPS) else 0
 
 
 class NetworkReconciler:
@@ -109,6 +118,9 @@ class NetworkReconciler:
         self._want: Wanted | None = None
         self._desired: DesiredState | None = None  # the state `_want` was made for
         self._sweep = Sweep(settings.neigh_sweep)
+        # Seconds the last reconcile spent writing peers' entries into the other jobs of their groups
+        # (SpreadJobNeigh, WithdrawJobNeigh): the group's convergence on this node, not the new job's setup.
+        self.last_fan_out_s = 0.0
 
     def job_netns_path(self, job_id: str) -> Path:
         return self.settings.netns_dir / names.job_netns(job_id)
@@ -150,6 +162,11 @@ class NetworkReconciler:
             def whole(job_id: str, eth0: int) -> bool:
                 return job_id in swept or not watch.knows(job_id, inos.get(job_id, -1), eth0)
 
+        if watch is None:
+            for job_id, path in files.items():
+                with contextlib.suppress(OSError):
+                    inos[job_id] = os.stat(path).st_ino
+        self._applier.retain_job_sockets(inos)
         obs, index, tables = observe(self._ns, files, whole)
         if watch is not None:
             for job_id, table in tables.read.items():
@@ -198,6 +215,7 @@ class NetworkReconciler:
             failures.append(StepFailed(step, error))
             broken.update(_makes(step))
 
+        fan_out_s = 0.0
         i = 0
         while i < len(steps):
             # FDB / neighbour entries in a row go to the kernel in batches; everything else one by one.
@@ -217,19 +235,23 @@ class NetworkReconciler:
             i = end
             if todo and not kind:
                 (step,) = todo
+                t0 = time.perf_counter()
                 try:
                     self._applier.apply(step)
                 except Exception as e:
                     done(step, e)
                 else:
                     done(step, None)
+                if isinstance(step, FAN_OUT_STEPS):
+                    fan_out_s += time.perf_counter() - t0
             elif todo:
                 try:
-                    outcomes = (self._applier.apply_entries if kind == 1 else self._applier.apply_job_neigh)(todo)
+                    outcomes = self._applier.apply_entries(todo)
                 except Exception as e:
                     outcomes = [e] * len(todo)
                 for step, outcome in zip(todo, outcomes, strict=True):
                     done(step, outcome)
+        self.last_fan_out_s = fan_out_s
         if failures:
             self._model = self._want = self._desired = None  # the next reconcile observes and plans in full
             raise ReconcileError(failures, applied)

@@ -23,13 +23,17 @@ from nodeagent.kernel.steps import (
     DeleteJobNetwork,
     DeleteLink,
     DeleteNeigh,
+    JobNeighEntry,
     ReplaceBridgeFdb,
     ReplaceFdb,
     ReplaceJobNeigh,
     ReplaceNeigh,
     SetJobPort,
     SetLink,
+    SpreadJobNeigh,
     Step,
+    WithdrawJobNeigh,
+    job_neigh_entries,
 )
 
 S = NetSettings(netns_dir=Path("/nonexistent"), underlay_ifname="jnu0", underlay_ip="198.18.0.1")
@@ -209,7 +213,9 @@ def test_incremental_plan_equals_full_plan() -> None:
         assert keys is not None
         incremental = plan_wanted(want, model, S, keys)
         full = plan(cur, model, S)
-        assert sorted(map(repr, incremental)) == sorted(map(repr, full)), rev
+        # the same entries (grouped per job by the full plan, per address by the incremental one)
+        assert sorted(map(repr, others(incremental))) == sorted(map(repr, others(full))), rev
+        assert sorted(jentries(incremental)) == sorted(jentries(full)), rev
         for s in full:
             advance(model, s, S)
         assert plan(cur, model, S) == []
@@ -228,20 +234,34 @@ def test_job_id_that_cannot_name_kernel_objects_is_rejected_not_truncated() -> N
 # -- permanent neighbour entries in job namespaces -------------------------------------------------
 
 
-def jn(job_id: str, peer: LocalJob | RemoteEndpoint, kind: type = ReplaceJobNeigh) -> Step:
-    return kind(job_id, f"jnj-{job_id}", peer.ip, peer.mac)  # type: ignore[no-any-return]
+def jn(job_id: str, peer: LocalJob | RemoteEndpoint, op: str = "replace") -> JobNeighEntry:
+    return (op, job_id, peer.ip, peer.mac if op == "replace" else "")
+
+
+def jentries(steps: list[Step], op: str = "") -> list[JobNeighEntry]:
+    """The single job neighbour entries of the plan's steps (deletes without the MAC)."""
+    out = [(o, j, ip, mac if o == "replace" else "") for s in steps for o, j, ip, mac in job_neigh_entries(s)]
+    return [e for e in out if not op or e[0] == op]
+
+
+def others(steps: list[Step]) -> list[Step]:
+    return [s for s in steps if not job_neigh_entries(s) and not isinstance(s, JOB_NEIGH)]
+
+
+JOB_NEIGH = (ReplaceJobNeigh, DeleteJobNeigh, SpreadJobNeigh, WithdrawJobNeigh)
 
 
 def test_every_job_gets_a_permanent_entry_for_every_peer_after_its_network() -> None:
     d = state([GA, GB], [job(1), job(2), job(3, GB)], [ep(1, 2), ep(2, 3, GB), ep(3, 1)])  # ep(3, 1): our underlay
     model = Observed()
     steps = converge(d, model)
-    got = {s for s in steps if isinstance(s, ReplaceJobNeigh)}
-    assert got == {jn(job(1).id, job(2)), jn(job(1).id, ep(1, 2)), jn(job(1).id, ep(3, 1)),
-                   jn(job(2).id, job(1)), jn(job(2).id, ep(1, 2)), jn(job(2).id, ep(3, 1)),
-                   jn(job(3, GB).id, ep(2, 3, GB))}
+    got = jentries(steps)
+    assert sorted(got) == sorted([jn(job(1).id, job(2)), jn(job(1).id, ep(1, 2)), jn(job(1).id, ep(3, 1)),
+                                  jn(job(2).id, job(1)), jn(job(2).id, ep(1, 2)), jn(job(2).id, ep(3, 1)),
+                                  jn(job(3, GB).id, ep(2, 3, GB))])
     kinds = [type(s) for s in steps]
     assert kinds.index(ReplaceJobNeigh) > max(i for i, k in enumerate(kinds) if k is CreateJobNetwork)
+    assert kinds.count(ReplaceJobNeigh) == 3  # one per new job, all its peers at once
     assert plan(d, model, S) == []
 
 
@@ -257,9 +277,10 @@ def test_a_peer_that_comes_or_goes_costs_one_entry_per_job_of_its_group() -> Non
     keys = update_wanted(want, prev, cur, S)
     assert keys is not None
     steps = plan_wanted(want, model, S, keys)
-    assert [type(s) for s in steps] == [CreateJobNetwork, ReplaceBridgeFdb] + [ReplaceJobNeigh] * (2 * n - 1)
-    assert {s for s in steps if isinstance(s, ReplaceJobNeigh) and s.job_id != job(n).id} == {
-        jn(j.id, job(n)) for j in jobs}
+    # ONE step for the new job's n peers, ONE that spreads its entry into the n-1 others
+    assert [type(s) for s in steps] == [CreateJobNetwork, ReplaceBridgeFdb, ReplaceJobNeigh, SpreadJobNeigh]
+    assert len(jentries(steps)) == 2 * n - 1
+    assert {e for e in jentries(steps) if e[1] != job(n).id} == {jn(j.id, job(n)) for j in jobs}
     for s in steps:
         advance(model, s, S)
     assert plan(cur, model, S) == []
@@ -268,10 +289,11 @@ def test_a_peer_that_comes_or_goes_costs_one_entry_per_job_of_its_group() -> Non
     keys = update_wanted(want, prev, cur, S)
     assert keys is not None
     steps = plan_wanted(want, model, S, keys)
-    gone = [jn(j.id, ep(1, 2), DeleteJobNeigh) for j in [*jobs, job(n)]]
-    assert sorted(map(repr, steps)) == sorted(repr(s) for s in [
+    gone = [jn(j.id, ep(1, 2), "delete") for j in [*jobs, job(n)]]
+    assert sorted(map(repr, others(steps))) == sorted(repr(s) for s in [
         DeleteFdb("jnx100", "00:00:00:00:00:00", "198.18.0.2"), DeleteFdb("jnx100", ep(1, 2).mac, "198.18.0.2"),
-        DeleteNeigh("jnx100", ep(1, 2).ip, ep(1, 2).mac), *gone])
+        DeleteNeigh("jnx100", ep(1, 2).ip, ep(1, 2).mac)])
+    assert sorted(jentries(steps)) == sorted(gone) and sum(isinstance(s, WithdrawJobNeigh) for s in steps) == 1
 
 
 def test_drifted_job_entries_are_repaired_and_strangers_removed() -> None:
@@ -285,10 +307,10 @@ def test_drifted_job_entries_are_repaired_and_strangers_removed() -> None:
     have[ip("10.40.0.250")] = bytes(6)  # a permanent entry no peer needs
     have[ip(job(1).ip)] = bytes(6)  # one for its own address
     steps = plan(d, model, S)
-    assert sorted(map(repr, steps)) == sorted(map(repr, [
+    assert sorted(jentries(steps)) == sorted([
         jn(job(1).id, job(2)), jn(job(1).id, ep(1, 2)),
-        DeleteJobNeigh(job(1).id, f"jnj-{job(1).id}", "10.40.0.250", "00:00:00:00:00:00"),
-        DeleteJobNeigh(job(1).id, f"jnj-{job(1).id}", job(1).ip, "00:00:00:00:00:00")]))
+        ("delete", job(1).id, "10.40.0.250", ""), ("delete", job(1).id, job(1).ip, "")])
+    assert [type(s) for s in steps] == [DeleteJobNeigh, ReplaceJobNeigh]
     for s in steps:
         advance(model, s, S)
     assert plan(d, model, S) == []
@@ -297,7 +319,7 @@ def test_drifted_job_entries_are_repaired_and_strangers_removed() -> None:
     assert eth0 is not None
     model.jobs[job(2).id] = replace(model.jobs[job(2).id], eth0=replace(eth0, gateway=""))
     steps = plan(d, model, S)
-    assert [type(s) for s in steps] == [ConfigureJob, ReplaceJobNeigh, ReplaceJobNeigh]
+    assert [type(s) for s in steps] == [ConfigureJob, ReplaceJobNeigh] and len(jentries(steps)) == 2
 
 
 def test_two_claims_on_one_address_resolve_to_the_local_job_then_the_endpoint() -> None:
@@ -312,7 +334,9 @@ def test_two_claims_on_one_address_resolve_to_the_local_job_then_the_endpoint() 
     keys = update_wanted(want, d1, d2, S)
     assert keys is not None
     steps = plan_wanted(want, model, S, keys)
-    assert jn(job(1).id, moving) in steps and sorted(map(repr, steps)) == sorted(map(repr, plan(d2, model, S)))
+    full = plan(d2, model, S)
+    assert jn(job(1).id, moving) in jentries(steps) and sorted(jentries(steps)) == sorted(jentries(full))
+    assert sorted(map(repr, others(steps))) == sorted(map(repr, others(full)))
 
 
 def test_malformed_peer_gets_no_entries_and_is_reported() -> None:
@@ -384,6 +408,7 @@ def test_bridge_fdb_drift_is_repaired_and_strangers_removed() -> None:
     model.bridge_fdb[(stranger.bridge, stranger.mac)] = stranger
     steps = plan(state([GA], [job(2), job(3)], [ep(1, 2)]), model, S)
     assert [type(s) for s in steps] == [DeleteJobNetwork, DeleteJobNeigh, DeleteJobNeigh]  # j1 from j2 and j3
+    assert sorted(jentries(steps)) == [("delete", j2.id, j1.ip, ""), ("delete", j3.id, j1.ip, "")]
     for s in steps:
         advance(model, s, S)
     assert ("jnb100", stranger.mac) not in model.bridge_fdb
@@ -415,4 +440,6 @@ def test_two_local_jobs_with_one_mac_the_smallest_job_id_gets_the_entry() -> Non
     assert keys is not None
     steps = plan_wanted(want, model, S, keys)
     assert ReplaceBridgeFdb("jnb100", f"jnv{twin.id}", twin.mac) in steps
-    assert sorted(map(repr, steps)) == sorted(map(repr, plan(d2, model, S)))
+    full = plan(d2, model, S)
+    assert sorted(map(repr, others(steps))) == sorted(map(repr, others(full)))
+    assert sorted(jentries(steps)) == sorted(jentries(full))

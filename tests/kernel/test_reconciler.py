@@ -29,6 +29,8 @@ from nodeagent.kernel.steps import (
     ReplaceJobNeigh,
     ReplaceNeigh,
     SetJobPort,
+    WithdrawJobNeigh,
+    job_neigh_entries,
 )
 
 from .conftest import CLONE_NEWNET, Node, World, _libc, sh
@@ -37,6 +39,16 @@ pytestmark = pytest.mark.root
 
 ZERO = "00:00:00:00:00:00"
 T = TypeVar("T")
+
+
+def jn_set(steps: list[Any], op: str) -> set[tuple[str, ...]]:
+    """The single job neighbour entries of `op` in the steps: (job, ip, mac) replaced, (job, ip) deleted."""
+    return {(j, ip, mac) if op == "replace" else (j, ip)
+            for s in steps for o, j, ip, mac in job_neigh_entries(s) if o == op}
+
+
+def packed(ip: str, mac: str) -> tuple[bytes, bytes]:
+    return socket.inet_aton(ip), bytes.fromhex(mac.replace(":", ""))
 
 
 def populate(w: World) -> dict[str, Any]:
@@ -214,12 +226,12 @@ def test_full_reconcile_repairs_drift(world: World) -> None:
         sorted([(ConfigureJob, j["a2"].id, True), (ConfigureJob, j["a3"].id, False)])
     # A job network made or configured anew has no neighbour entries (setting eth0's MAC flushes even the
     # permanent ones): both get all of their peers again.
-    assert {(s.job_id, s.ip, s.mac) for s in steps["n2"] if isinstance(s, ReplaceJobNeigh)} == {
+    assert jn_set(steps["n2"], "replace") == {
         (j[a].id, j[b].ip, j[b].mac) for a, b in (("a2", "a1"), ("a2", "a3"), ("a3", "a1"), ("a3", "a2"))}
     # a2's veth is new: its static bridge FDB entry died with the old one (a3's port kept its own)
     assert [s for s in steps["n2"] if isinstance(s, ReplaceBridgeFdb)] == [
         ReplaceBridgeFdb("jnb100", f"jnv{j['a2'].id}", j["a2"].mac)]
-    assert len(steps["n2"]) == 7
+    assert len(steps["n2"]) == 5  # 2 ConfigureJob, 1 ReplaceBridgeFdb, 1 ReplaceJobNeigh per job
     assert job_neigh(n2, j["a3"].id) == {j["a1"].ip: (j["a1"].mac, ["PERMANENT"]),
                                          j["a2"].ip: (j["a2"].mac, ["PERMANENT"])}
     assert (j["a2"].mac, "198.18.0.2") in fdb(n1, "jnx100")
@@ -251,9 +263,10 @@ def test_removals_leave_nothing_behind_and_foreign_objects_untouched(world: Worl
     # A job leaves n2: its namespace and veth go there; n1 drops its entries (a3 still keeps the flood entry).
     del n2.jobs[j["a2"].id]
     steps = world.reconcile_all()
-    assert steps["n2"] == [DeleteJobNetwork(j["a2"].id, f"jnj-{j['a2'].id}", f"jnv{j['a2'].id}"),
-                           DeleteJobNeigh(j["a3"].id, f"jnj-{j['a3'].id}", j["a2"].ip, j["a2"].mac)]
-    assert DeleteJobNeigh(j["a1"].id, f"jnj-{j['a1'].id}", j["a2"].ip, j["a2"].mac) in steps["n1"]
+    assert steps["n2"][0] == DeleteJobNetwork(j["a2"].id, f"jnj-{j['a2'].id}", f"jnv{j['a2'].id}")
+    assert [type(s) for s in steps["n2"]] == [DeleteJobNetwork, WithdrawJobNeigh]
+    assert jn_set(steps["n2"], "delete") == {(j["a3"].id, j["a2"].ip)}
+    assert (j["a1"].id, j["a2"].ip) in jn_set(steps["n1"], "delete")
     assert not n2.job_ns(j["a2"].id).exists()
     assert wait_gone(n2, f"jnv{j['a2'].id}")
     assert fdb(n1, "jnx100") == {(ZERO, "198.18.0.2"), (j["a3"].mac, "198.18.0.2")}
@@ -351,7 +364,7 @@ def test_namespace_pinned_by_a_process_loses_its_veth_on_the_next_full_reconcile
         # peers (a2, a3 remote, a4 local), a4 gets it
         n1.jobs[j["a1"].id] = ("a", j["a1"])
         assert [type(s).__name__ for s in n1.reconcile(world.desired("n1"))] == [
-            "CreateJobNetwork", "ReplaceBridgeFdb"] + ["ReplaceJobNeigh"] * 4
+            "CreateJobNetwork", "ReplaceBridgeFdb", "ReplaceJobNeigh", "SpreadJobNeigh"]
         assert n1.reconcile(world.desired("n1"), full=True) == []
     finally:
         sleeper.kill()
@@ -384,8 +397,7 @@ def test_namespace_files_that_are_no_namespaces_are_replaced_or_removed(world: W
     (n1.netns_dir / "jnj-0000dead00").write_text("")  # a job this node no longer has
     steps = n1.reconcile(world.desired("n1"), full=True)
     assert [type(s).__name__ for s in steps] == ["DeleteJobNetwork", "DeleteJobNetwork", "CreateJobNetwork",
-                                                 "ReplaceBridgeFdb",
-                                                 "ReplaceJobNeigh", "ReplaceJobNeigh"]  # a1's peers: a2, a3
+                                                 "ReplaceBridgeFdb", "ReplaceJobNeigh"]  # a1's peers: a2, a3
     assert not (n1.netns_dir / "jnj-0000dead00").exists()
     assert n1.reconcile(world.desired("n1"), full=True) == []
     addrs = json.loads(n1.in_job(j["a1"].id, "ip", "-j", "addr", "show", "eth0").stdout)
@@ -436,8 +448,8 @@ def test_job_neighbour_entries_follow_the_peers_and_are_repaired(world: World, m
     world.reconcile_all(full=True)
     a1, a2, a3 = j["a1"], j["a2"], j["a3"]
 
-    def entries(steps: list[Any], kind: type) -> set[tuple[str, str, str]]:
-        return {(s.job_id, s.ip, s.mac) for s in steps if isinstance(s, kind)}
+    def entries(steps: list[Any], op: str) -> set[tuple[str, ...]]:
+        return jn_set(steps, op)
 
     def all_in_sync() -> None:
         for node in (n1, n2):
@@ -447,17 +459,17 @@ def test_job_neighbour_entries_follow_the_peers_and_are_repaired(world: World, m
     # Peers appear, one on each node: the new jobs get all their peers, the others get the new jobs.
     a4, a5 = world.add_job("n1", "a", 4), world.add_job("n2", "a", 5)
     steps = world.reconcile_all()
-    assert entries(steps["n1"], ReplaceJobNeigh) == {(a1.id, a4.ip, a4.mac), (a1.id, a5.ip, a5.mac)} | {
+    assert entries(steps["n1"], "replace") == {(a1.id, a4.ip, a4.mac), (a1.id, a5.ip, a5.mac)} | {
         (a4.id, p.ip, p.mac) for p in (a1, a2, a3, a5)}
-    assert entries(steps["n2"], ReplaceJobNeigh) == {(x.id, p.ip, p.mac) for x in (a2, a3) for p in (a4, a5)} | {
+    assert entries(steps["n2"], "replace") == {(x.id, p.ip, p.mac) for x in (a2, a3) for p in (a4, a5)} | {
         (a5.id, p.ip, p.mac) for p in (a1, a2, a3, a4)}
     all_in_sync()
 
     # A peer goes: its entry goes from every job of the group, on both nodes.
     del n2.jobs[a5.id]
     steps = world.reconcile_all()
-    assert entries(steps["n1"], DeleteJobNeigh) == {(x.id, a5.ip, a5.mac) for x in (a1, a4)}
-    assert entries(steps["n2"], DeleteJobNeigh) == {(x.id, a5.ip, a5.mac) for x in (a2, a3)}
+    assert entries(steps["n1"], "delete") == {(x.id, a5.ip) for x in (a1, a4)}
+    assert entries(steps["n2"], "delete") == {(x.id, a5.ip) for x in (a2, a3)}
     all_in_sync()
     assert world.reconcile_all(full=True) == {"n1": [], "n2": []}
 
@@ -482,13 +494,11 @@ def test_job_neighbour_entries_follow_the_peers_and_are_repaired(world: World, m
     assert world.reconcile_all() == {"n1": [], "n2": []}  # an incremental reconcile trusts its model
     reads.take()
     steps = world.reconcile_all(full=True)
-    assert sorted(map(repr, steps["n1"])) == sorted(map(repr, [
-        ReplaceJobNeigh(a1.id, f"jnj-{a1.id}", a2.ip, a2.mac),
-        ReplaceJobNeigh(a1.id, f"jnj-{a1.id}", a3.ip, a3.mac),
-        ReplaceJobNeigh(a1.id, f"jnj-{a1.id}", a4.ip, a4.mac),
-        DeleteJobNeigh(a1.id, f"jnj-{a1.id}", "10.40.0.250", "02:00:00:00:ee:01"),
+    assert sorted(map(repr, [s for s in steps["n1"] if not job_neigh_entries(s)])) == sorted(map(repr, [
         ReplaceNeigh("jnx100", a2.ip, a2.mac), ReplaceFdb("jnx100", a3.mac, "198.18.0.2")]))
-    assert steps["n2"] == [ReplaceJobNeigh(a2.id, f"jnj-{a2.id}", a3.ip, a3.mac)]
+    assert jn_set(steps["n1"], "replace") == {(a1.id, p.ip, p.mac) for p in (a2, a3, a4)}
+    assert jn_set(steps["n1"], "delete") == {(a1.id, "10.40.0.250")}
+    assert [str(s) for s in steps["n2"]] == [str(ReplaceJobNeigh(a2.id, f"jnj-{a2.id}", (packed(a3.ip, a3.mac),)))]
     # found from the notifications alone, or by reading all 7 job namespaces' tables
     assert reads.take() == (0 if mode == "notifications" else 7)
     assert job_neigh(n1, a1.id) == {**peers_of(world, a1), "10.40.0.1": ("02:00:00:00:ee:02", ["STALE"])}
@@ -664,7 +674,8 @@ def test_neighbour_notifications_after_restarts_losses_and_reused_namespace_ids(
     n2.call(lambda: w._events.setsockopt(socket.SOL_SOCKET, 33, 32 << 20))  # SO_RCVBUFFORCE: as it was
     steps = n2.reconcile(world.desired("n2"), full=True)
     assert w.lost >= 1 and reads.take() == len(n2.jobs)
-    assert len(steps) == 199 and all(isinstance(s, DeleteJobNeigh) and s.job_id == j["a3"].id for s in steps)
+    assert len(steps) == 1 and isinstance(steps[0], DeleteJobNeigh) and steps[0].job_id == j["a3"].id
+    assert len(steps[0].entries) == 199
     assert n2.reconcile(world.desired("n2"), full=True) == [] and reads.take() == 0
     mirror_is_kernel(n2)
 
@@ -681,9 +692,8 @@ def test_neighbour_notifications_after_restarts_losses_and_reused_namespace_ids(
     assert n2.in_job(a6.id, "ip", "neigh", "add", "10.40.0.251", "lladdr", "02:00:00:00:ef:02", "dev", "eth0",
                      "nud", "permanent").returncode == 0
     steps = n2.reconcile(world.desired("n2"), full=True)
-    assert sorted(map(repr, steps)) == sorted(map(repr, [
-        ReplaceJobNeigh(a6.id, f"jnj-{a6.id}", j["a1"].ip, j["a1"].mac),
-        DeleteJobNeigh(a6.id, f"jnj-{a6.id}", "10.40.0.251", "02:00:00:00:ef:02")]))
+    assert steps == [DeleteJobNeigh(a6.id, f"jnj-{a6.id}", (packed("10.40.0.251", "02:00:00:00:ef:02"),)),
+                     ReplaceJobNeigh(a6.id, f"jnj-{a6.id}", (packed(j["a1"].ip, j["a1"].mac),))]
     assert reads.take() == 0
     mirror_is_kernel(n1)
     mirror_is_kernel(n2)
@@ -691,7 +701,7 @@ def test_neighbour_notifications_after_restarts_losses_and_reused_namespace_ids(
     # A job whose eth0 is made anew (another ifindex) has its table read again.
     sh("ip", "-n", n2.netns, "link", "del", f"jnv{a6.id}")
     steps = n2.reconcile(world.desired("n2"), full=True)
-    assert [type(s).__name__ for s in steps] == ["ConfigureJob", "ReplaceBridgeFdb"] + ["ReplaceJobNeigh"] * 2
+    assert [type(s).__name__ for s in steps] == ["ConfigureJob", "ReplaceBridgeFdb", "ReplaceJobNeigh"]
     assert n2.reconcile(world.desired("n2"), full=True) == [] and reads.take() == 1
     mirror_is_kernel(n2)
 

@@ -15,7 +15,14 @@ import pytest
 
 from nodeagent.desired import DesiredState, GroupSpec, LocalJob, RemoteEndpoint
 from nodeagent.kernel.observe import job_netns_files, observe, observe_node
-from nodeagent.kernel.steps import CreateJobNetwork, DeleteJobNeigh, DeleteJobNetwork, ReplaceJobNeigh, Step
+from nodeagent.kernel.steps import (
+    CreateJobNetwork,
+    DeleteJobNeigh,
+    DeleteJobNetwork,
+    ReplaceJobNeigh,
+    Step,
+    job_neigh_entries,
+)
 
 from .conftest import Node, World
 
@@ -67,6 +74,11 @@ def timed(fn: Callable[[], list[Step]], cost: Cost | None = None) -> tuple[float
     return wall, out
 
 
+def n_entries(steps: list[Step]) -> int:
+    """The single job neighbour entries the steps write or delete."""
+    return sum(len(job_neigh_entries(s)) for s in steps)
+
+
 def kinds(steps: list[Step]) -> dict[str, int]:
     out: dict[str, int] = {}
     for s in steps:
@@ -83,22 +95,22 @@ def test_the_200th_job_of_a_group_costs_o_n_and_a_full_noop_reconcile_stays_chea
     n = 200
     took, steps = timed(lambda: n1.reconcile(state(n - 1, endpoints)))
     entries = (n - 1) * (n - 2 + endpoints)
-    assert kinds(steps)["ReplaceJobNeigh"] == entries
+    assert kinds(steps)["ReplaceJobNeigh"] == n - 1 and n_entries(steps) == entries  # one step per job
     print(f"\n[{n} jobs in one group on n1, {endpoints} remote peers on n2]\n"
           f"  {n - 1} jobs from nothing, one reconcile: {took:.2f} s ({entries} job neighbour entries)")
 
-    # The 200th job: its network, its 199 + endpoints peers, its entry in the 199 others. O(N), not O(N^2).
+    # The 200th job: its network, its 199 + endpoints peers (one step), its entry in the 199 others (one
+    # step). O(N) entries, O(1) steps.
     add, remove = Cost(), Cost()
+    one_job = {"CreateJobNetwork": 1, "ReplaceBridgeFdb": 1, "ReplaceJobNeigh": 1, "SpreadJobNeigh": 1}
     for rev in range(5):
         more, fewer = state(n, endpoints, rev + 2), state(n - 1, endpoints, rev + 10)
         _, steps = timed(lambda d=more: n1.reconcile(d), add)  # type: ignore[misc]
-        assert kinds(steps) == {"CreateJobNetwork": 1, "ReplaceBridgeFdb": 1,
-                                "ReplaceJobNeigh": (n - 1) + (n - 1 + endpoints)}
+        assert kinds(steps) == one_job and n_entries(steps) == (n - 1) + (n - 1 + endpoints)
         _, steps = timed(lambda d=fewer: n1.reconcile(d), remove)  # type: ignore[misc]
-        assert kinds(steps) == {"DeleteJobNetwork": 1, "DeleteJobNeigh": n - 1}
+        assert kinds(steps) == {"DeleteJobNetwork": 1, "WithdrawJobNeigh": 1} and n_entries(steps) == n - 1
     _, steps = timed(lambda: n1.reconcile(state(n, endpoints, 20)), add)
-    assert kinds(steps) == {"CreateJobNetwork": 1, "ReplaceBridgeFdb": 1,
-                            "ReplaceJobNeigh": (n - 1) + (n - 1 + endpoints)}
+    assert kinds(steps) == one_job and n_entries(steps) == (n - 1) + (n - 1 + endpoints)
     print(f"  add the {n}th job (incremental, {2 * (n - 1) + endpoints} entries): {add}")
     print(f"  remove it again ({n - 1} entries): {remove}")
     assert min(add.wall) < 1.0
@@ -147,7 +159,7 @@ def test_the_200th_job_of_a_group_costs_o_n_and_a_full_noop_reconcile_stays_chea
     victim = big_job(7)
     assert n1.in_job(victim.id, "ip", "neigh", "flush", "dev", "eth0", "nud", "all").returncode == 0
     took, steps = timed(lambda: n1.reconcile(full, full=True))
-    assert kinds(steps) == {"ReplaceJobNeigh": n - 1 + endpoints}
+    assert kinds(steps) == {"ReplaceJobNeigh": 1} and n_entries(steps) == n - 1 + endpoints
     assert {s.job_id for s in steps if isinstance(s, ReplaceJobNeigh)} == {victim.id}
     print(f"  full reconcile repairing one flushed job ({n - 1 + endpoints} entries): {took * 1e3:.0f} ms")
     for cls in (CreateJobNetwork, DeleteJobNetwork, DeleteJobNeigh):
@@ -199,11 +211,12 @@ def test_500_jobs_full_reconcile(world: World, groups: int) -> None:
     per = n // groups
     took, steps = timed(lambda: n1.reconcile(spread(n - 1, groups)))
     print(f"\n[{n} jobs in {groups} group(s) of {per} on n1]\n  {n - 1} jobs from nothing, one reconcile: "
-          f"{took:.2f} s ({kinds(steps)['ReplaceJobNeigh']} job neighbour entries)")
+          f"{took:.2f} s ({n_entries(steps)} job neighbour entries)")
     add = Cost()
     for rev in range(3):
         _, steps = timed(lambda r=rev: n1.reconcile(spread(n, groups, 10 + 2 * r)), add)  # type: ignore[misc]
-        assert kinds(steps) == {"CreateJobNetwork": 1, "ReplaceBridgeFdb": 1, "ReplaceJobNeigh": 2 * (per - 1)}
+        assert kinds(steps) == {"CreateJobNetwork": 1, "ReplaceBridgeFdb": 1, "ReplaceJobNeigh": 1, "SpreadJobNeigh": 1}
+        assert n_entries(steps) == 2 * (per - 1)
         n1.reconcile(spread(n - 1, groups, 11 + 2 * rev))
     _, steps = timed(lambda: n1.reconcile(spread(n, groups, 20)), add)
     print(f"  add the {n}th job (incremental, {2 * (per - 1)} entries): {add}")
