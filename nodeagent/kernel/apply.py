@@ -4,7 +4,7 @@ what it can (or raises AlreadyExists when the object is not ours to fix); a dele
 rolled back (its namespace file and veth removed), so the next attempt starts clean.
 
 Job network setup, the fast path (no helper processes, ~2.3 ms per job on a 2-vCPU VM):
-  1. worker thread (namespaces.Namespaces.create): unshare(CLONE_NEWNET); IPv6 off (all, default); bind
+  1. this thread (namespaces.Namespaces.create): unshare(CLONE_NEWNET); IPv6 off (all, default); bind
      mount onto <netns_dir>/jnj-<job>; then ONE rtnetlink batch (rawnl.py) from inside: eth0 with the
      job's MAC, the MTU and ifindex 2 (a new namespace has only lo), its peer jnv<job> created directly in
      our namespace (IFLA_NET_NS_FD); lo up; eth0 up; address; default route via the gateway; setns back.
@@ -333,7 +333,7 @@ class Applier:
         return js
 
     def open_job_sockets(self, job_ids: Sequence[str]) -> None:
-        """Open the sockets of these job namespaces, all from one worker thread. A namespace that cannot be
+        """Open the sockets of these job namespaces (entering each once). A namespace that cannot be
         entered keeps its error for `_job_sock`."""
         if not job_ids:
             return
