@@ -20,11 +20,12 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from nodeagent import names
 from nodeagent.desired import DesiredState
-from nodeagent.kernel.apply import ENTRY_STEPS, Applier
+from nodeagent.kernel.apply import ENTRY_STEPS, JOB_NEIGH_STEPS, Applier
 from nodeagent.kernel.errors import DependencyFailed, KernelError, ReconcileError, StepFailed
 from nodeagent.kernel.model import NetSettings, Observed
 from nodeagent.kernel.namespaces import Namespaces
@@ -215,6 +216,19 @@ class NetworkReconciler:
             failures.append(StepFailed(step, error))
             broken.update(_makes(step))
 
+        pause = contextlib.nullcontext() if self._watch is None or not any(
+            isinstance(s, JOB_NEIGH_STEPS) for s in steps) else self._watch.paused()
+        with pause:
+            self.last_fan_out_s = self._apply(steps, done, failures, broken)
+        if failures:
+            self._model = self._want = self._desired = None  # the next reconcile observes and plans in full
+            raise ReconcileError(failures, applied)
+        return applied
+
+    def _apply(self, steps: list[Step], done: Callable[[Step, Exception | None], None], failures: list[StepFailed],
+               broken: set[str]) -> float:
+        """Apply the plan's steps in order (batches where they can be); returns the seconds spent on
+        spreads and withdraws (FAN_OUT_STEPS)."""
         fan_out_s = 0.0
         i = 0
         while i < len(steps):
@@ -251,8 +265,4 @@ class NetworkReconciler:
                     outcomes = [e] * len(todo)
                 for step, outcome in zip(todo, outcomes, strict=True):
                     done(step, outcome)
-        self.last_fan_out_s = fan_out_s
-        if failures:
-            self._model = self._want = self._desired = None  # the next reconcile observes and plans in full
-            raise ReconcileError(failures, applied)
-        return applied
+        return fan_out_s
