@@ -2,7 +2,7 @@
 spool's durable append, and the packet path with and without the table.
 
     python -m bench.accounting [--jobs 200] [--rounds 5] [--pairs 10] [--seconds 3] [--no-overlay]
-                               [--variants on[,tx,rx,hooks,...]] [--no-offload]
+                               [--variants on[,tx,rx,hooks,...]|all] [--profile] [--no-offload]
 
 Packet path: iperf3 (`-J`, one TCP stream) from one job's namespace to another's, with the accounting tables
 (`on`: both jobs' tables exactly as the agent installs them) and without (`off`: no table), in the same run:
@@ -13,8 +13,10 @@ other work on a shared machine cancels), the ratio on/off of each pair, their me
            only: no controller, no agent) and the data path of bench.overlay_throughput built by hand
            (bridge, VXLAN nolearning with static FDB/neighbour entries, MTU 1450), one node prefix per node
 `--variants` adds other rule sets, each A/B against `off` in the same rounds (VARIANTS below: to find where
-the cost is); `--no-offload` turns TSO/GSO/GRO off on both jobs' eth0, so that every wire frame is a packet
-for the hooks (an amplifier of per-packet costs, not the issue's figure).
+the cost is); `--profile` adds one run per variant under `perf record -a` and prints the share of iperf3's
+CPU samples spent in the accounting chains (a cost measure that, unlike the throughput ratio, does not
+swing with other work on the machine); `--no-offload` turns TSO/GSO/GRO off on both jobs' eth0, so that
+every wire frame is a packet for the hooks (an amplifier of per-packet costs, not the issue's figure).
 
 Throwaway namespaces jnab<pid>-sw (a bridge) and jnab<pid>-<i> (a job: veth eth0 on the bridge), the overlay's
 lab jnab<pid>o-{ul,ctl,n1,n2,h1,h2}, all removed at the end, also after a failure.
@@ -37,7 +39,16 @@ from bench.overlay_throughput import HAND_NET, hand_mac, hand_vxlan, iperf, load
 from deploy.lab import Lab
 from nodeagent.accounting import JobNet, NetAccounting, NetTotals, UsageSpool
 from nodeagent.accounting.nft import Nft, NftError
-from nodeagent.accounting.rules import CHAINS, DEVICE, FAMILY, TABLE, create_commands, mac_prefix
+from nodeagent.accounting.rules import (
+    CHAINS,
+    DEVICE,
+    FAMILY,
+    KEYS,
+    PACKET_OTHERHOST,
+    TABLE,
+    create_commands,
+    mac_prefix,
+)
 from nodeagent.kernel.namespaces import Namespaces, write_sysctl
 
 NETNS = Path("/run/netns")
@@ -81,6 +92,39 @@ def _same_rule(rule: Callable[[str], str]) -> Callable[[int], str]:
     return build
 
 
+def _prefix_ranges(prefix: int, mine: str, other02: str, rest: str | None) -> str:
+    """Map elements over 24-bit MAC prefixes: our node's prefix -> mine, other 02:xx:xx -> other02, all else
+    -> rest (None: not in the map)."""
+    parts = [(0x020000, prefix - 1, other02), (prefix, prefix, mine), (prefix + 1, 0x02FFFF, other02)]
+    if rest is not None:
+        parts = [(0, 0x01FFFF, rest), *parts, (0x030000, 0xFFFFFF, rest)]
+    return ", ".join(f"0x{lo:06x}{'' if lo == hi else f'-0x{hi:06x}'} : {v}" for lo, hi, v in parts if lo <= hi)
+
+
+def _objmap(prefix: int) -> str:
+    """One lookup per frame: the counter's NAME is looked up by the 3-byte MAC prefix (the same classes)."""
+    cmds = [f"create table {T}", *(f"add counter {T} {k}" for k in KEYS), _chain("tx"), _chain("rx")]
+    tx = _prefix_ranges(prefix, '"tx_local"', '"tx_overlay"', '"tx_external"')
+    rx = _prefix_ranges(prefix, '"rx_local"', '"rx_overlay"', '"rx_external"')
+    cmds += [f"add rule {T} tx counter name @ll,0,24 map {{ {tx} }} accept",
+             f'add rule {T} tx counter name "tx_external"',
+             f"add rule {T} rx meta pkttype {PACKET_OTHERHOST} accept",
+             f"add rule {T} rx counter name @ll,48,24 map {{ {rx} }}"]
+    return "\n".join(cmds) + "\n"
+
+
+def _vmap(prefix: int) -> str:
+    """A verdict map on the MAC prefix, going to a chain per class that counts."""
+    cmds = [f"create table {T}", *(f"add counter {T} {k}" for k in KEYS), _chain("tx"), _chain("rx")]
+    for k in KEYS:
+        cmds += [_chain(k, hooked=False), f'add rule {T} {k} counter name "{k}" accept']
+    tx = _prefix_ranges(prefix, "goto tx_local", "goto tx_overlay", None)
+    rx = _prefix_ranges(prefix, "goto rx_local", "goto rx_overlay", "goto rx_external")
+    cmds += [f"add rule {T} tx @ll,0,24 vmap {{ {tx} }}", f'add rule {T} tx counter name "tx_external"',
+             f"add rule {T} rx meta pkttype {PACKET_OTHERHOST} accept", f"add rule {T} rx @ll,48,24 vmap {{ {rx} }}"]
+    return "\n".join(cmds) + "\n"
+
+
 VARIANTS: dict[str, Callable[[int], str]] = {
     "on": create_commands,                                                  # the product, as installed
     "tx": _product_only("tx"),                                               # its egress chain alone
@@ -89,6 +133,8 @@ VARIANTS: dict[str, Callable[[int], str]] = {
     "anon": _same_rule(lambda d: "counter"),                                 # one anonymous counter each
     "named": _same_rule(lambda d: f'counter name "{d}_external"'),           # one named counter each
     "match": _same_rule(lambda d: f"@ll,{0 if d == 'tx' else 48},8 0x02"),   # one payload match, no counter
+    "objmap": _objmap,                                                       # candidate: counter name by map
+    "vmap": _vmap,                                                           # candidate: verdict map + chains
 }
 
 
@@ -112,6 +158,36 @@ def run_iperf(srv: Path, cli: Path, ip: str, seconds: float) -> dict[str, float]
     except RuntimeError as e:  # one retry: a stuck run is printed, not silently dropped
         print(f"    iperf3 failed ({e}); once more")
         return iperf(str(srv), str(cli), ip, seconds)
+
+
+def nft_share(data: Path) -> tuple[float, int]:
+    """From a `perf record -a -g` file: the share of the iperf3 processes' samples spent under the netdev
+    chains (nft_do_chain_netdev on the stack: hook entry, rules, counters), and their sample count."""
+    out = subprocess.run(["perf", "script", "-i", str(data), "-F", "comm,ip,sym"], capture_output=True, text=True,
+                         check=True).stdout
+    iperf_samples = inside = 0
+    for sample in out.split("\n\n"):
+        lines = sample.strip().splitlines()
+        if not lines or lines[0].split()[0] != "iperf3":
+            continue
+        iperf_samples += 1
+        inside += any(ln.split()[-1].startswith("nft_do_chain_netdev") for ln in lines[1:] if ln.split())
+    return (inside / iperf_samples if iperf_samples else float("nan")), iperf_samples
+
+
+def profiled_iperf(srv: Path, cli: Path, ip: str, seconds: float) -> tuple[dict[str, float], float, int]:
+    """One run with `perf record -a` (cpu-clock, call graphs) over its middle; + nft_share of it."""
+    with tempfile.TemporaryDirectory(prefix="jnab-perf") as d:
+        data = Path(d) / "perf.data"
+        perf = subprocess.Popen(["perf", "record", "-q", "-a", "-g", "-e", "cpu-clock", "-F", "2000", "-o", str(data),
+                                 "--", "sleep", str(max(1.0, seconds - 1.5))], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        try:
+            res = run_iperf(srv, cli, ip, seconds)
+        finally:
+            perf.wait()
+        share, n = nft_share(data)
+    return res, share, n
 
 
 def spread(xs: list[float]) -> str:
@@ -143,27 +219,36 @@ def throughput(acct: NetAccounting, label: str, jobs: dict[str, tuple[Path, str]
                     set_rules(acct, netns, None if k == "off" else VARIANTS[k](mac_prefix(mac)))
                 got[k] = run_iperf(srv, cli, ip, a.seconds)
                 runs[k].append(got[k])
+                if r == 0 and k == "on":  # the product's table counted the stream, in the right class
+                    cnt = acct.read({"cli": JobNet(cli, jobs["cli"][1])})["cli"]
+                    assert not isinstance(cnt, Exception), cnt
+                    print("    client's counters after its 'on' run (frame bytes/packets): " + ", ".join(
+                        f"{d}_{c} {b}/{p}" for d in ("tx", "rx") for c, (b, p) in cnt.totals.direction(d).items() if b))
             ratios[v].append(got[v]["gbps"] / got["off"]["gbps"])
             print(f"  pair {r + 1:2}/{a.pairs} {v:>6}: off {got['off']['gbps']:6.2f}, {v} {got[v]['gbps']:6.2f} "
                   f"Gbit/s ({order[0]} first), ratio {ratios[v][-1]:.3f}; retransmits {got['off']['retr']:.0f}/"
                   f"{got[v]['retr']:.0f}; loadavg {loadavg()}")
-        if r == 0 and "on" in a.variants:  # the product's table counted the stream, in the right class
-            cnt = acct.read({"cli": JobNet(cli, jobs["cli"][1])})["cli"]
-            assert not isinstance(cnt, Exception), cnt
-            print("    client's counters after its 'on' run (frame bytes, packets): "
-                  + ", ".join(f"{d}_{c} {b}/{p}" for d in ("tx", "rx") for c, (b, p) in cnt.totals.direction(d).items()
-                              if b))
+    if a.profile:
+        print("  CPU profile (perf record -a, cpu-clock 2 kHz, one run per variant): share of the iperf3 processes' "
+              "samples under the accounting chains (nft_do_chain_netdev on the stack)")
+        for k in a.variants:
+            for netns, mac in jobs.values():
+                set_rules(acct, netns, VARIANTS[k](mac_prefix(mac)))
+            res, share, n = profiled_iperf(srv, cli, ip, a.seconds)
+            print(f"    {k:8} {100 * share:5.2f} % of {n} samples ({res['gbps']:.2f} Gbit/s; loadavg {loadavg()})")
     for netns, _ in jobs.values():
         set_rules(acct, netns, None)
     print(f"  {label}, loadavg at the end {loadavg()}:")
     print(f"  {'variant':8} {'Gbit/s median':>13}  {'snd/rcv cpu%':>12}  ratio to off per pair")
     for k, xs in runs.items():
+        if not xs:
+            continue
         cpu = f"{statistics.median(x['cpu_snd'] for x in xs):.0f}/{statistics.median(x['cpu_rcv'] for x in xs):.0f}"
         line = f"  {k:8} {statistics.median(x['gbps'] for x in xs):13.2f}  {cpu:>12}  "
         if k != "off":
             line += spread(ratios[k])
         print(line)
-    if "on" in ratios:
+    if ratios.get("on"):
         m = statistics.median(ratios["on"])
         print(f"  accounting on / off, median of {len(ratios['on'])} pairs = {m:.3f}   target >= 0.98   "
               f"{'PASS' if m >= 0.98 else 'MISS'}")
@@ -189,12 +274,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--jobs", type=int, default=200)
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--pairs", type=int, default=10, help="A/B pairs per variant and path (0: no packet path)")
+    ap.add_argument("--pairs", type=int, default=10, help="A/B pairs per variant and path (0: none)")
     ap.add_argument("--seconds", type=float, default=3.0, help="iperf3 -t of every run")
     ap.add_argument("--variants", default="on", help=f"comma-separated, of {', '.join(VARIANTS)}, or all")
     ap.add_argument("--no-overlay", dest="overlay", action="store_false", help="the local path only")
     ap.add_argument("--local", dest="local", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--no-offload", action="store_true", help="TSO/GSO/GRO off on both jobs' eth0")
+    ap.add_argument("--profile", action="store_true",
+                    help="also one perf-profiled run per variant: CPU share of the accounting chains")
     a = ap.parse_args()
     a.variants = list(VARIANTS) if a.variants == "all" else a.variants.split(",")
     if unknown := set(a.variants) - set(VARIANTS):
@@ -291,7 +378,7 @@ def main() -> None:
               f"{statistics.median(acks):.2f} ms")
 
         # 5. the packet path: iperf3 between two jobs with the tables and without, A/B in the same run
-        if a.pairs:
+        if a.pairs or a.profile:
             jobs_local = {"srv": (NETNS / names[1], macs[names[1]]), "cli": (NETNS / names[0], macs[names[0]])}
             if a.local:
                 throughput(acct, "local (two jobs on one bridge)", jobs_local, "10.252.0.2", a)
