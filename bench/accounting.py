@@ -127,6 +127,7 @@ def _vmap(prefix: int) -> str:
 
 VARIANTS: dict[str, Callable[[int], str]] = {
     "on": create_commands,                                                  # the product, as installed
+    "none": lambda _prefix: "",                                              # no table either: an A/A control
     "tx": _product_only("tx"),                                               # its egress chain alone
     "rx": _product_only("rx"),                                               # its ingress chain alone
     "hooks": _same_rule(lambda d: ""),                                       # both chains, no rule
