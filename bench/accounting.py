@@ -1,10 +1,25 @@
 """Network accounting costs (issue 4): setting a job's table up, reading N jobs' counters, final reads, the
 spool's durable append, and the packet path with and without the table.
 
-    python -m bench.accounting [--jobs 200] [--rounds 5] [--tcp-seconds 2]
+    python -m bench.accounting [--jobs 200] [--rounds 5] [--pairs 10] [--seconds 3] [--no-overlay]
+                               [--variants on[,tx,rx,hooks,...]|all] [--profile] [--no-offload]
 
-Throwaway namespaces jnab<pid>-sw (a bridge) and jnab<pid>-<i> (a job: veth eth0 on the bridge), all removed
-at the end, also after a failure.
+Packet path: iperf3 (`-J`, one TCP stream) from one job's namespace to another's, with the accounting tables
+(`on`: both jobs' tables exactly as the agent installs them) and without (`off`: no table), in the same run:
+`--pairs` A/B pairs of `--seconds` each, the order alternating (off,on / on,off / ...: ABBA, so drift from
+other work on a shared machine cancels), the ratio on/off of each pair, their median and spread. Two paths:
+  local    two jobs on the bench's bridge (veth, bridge, veth)
+  overlay  two jobs on two "nodes" joined by VXLAN: the lab's underlay (deploy.lab, namespaces and veths
+           only: no controller, no agent) and the data path of bench.overlay_throughput built by hand
+           (bridge, VXLAN nolearning with static FDB/neighbour entries, MTU 1450), one node prefix per node
+`--variants` adds other rule sets, each A/B against `off` in the same rounds (VARIANTS below: to find where
+the cost is); `--profile` adds one run per variant under `perf record -a` and prints the share of iperf3's
+CPU samples spent in the accounting chains (a cost measure that, unlike the throughput ratio, does not
+swing with other work on the machine); `--no-offload` turns TSO/GSO/GRO off on both jobs' eth0, so that
+every wire frame is a packet for the hooks (an amplifier of per-packet costs, not the issue's figure).
+
+Throwaway namespaces jnab<pid>-sw (a bridge) and jnab<pid>-<i> (a job: veth eth0 on the bridge), the overlay's
+lab jnab<pid>o-{ul,ctl,n1,n2,h1,h2}, all removed at the end, also after a failure.
 """
 
 from __future__ import annotations
@@ -12,17 +27,33 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import socket
+import platform
 import statistics
+import subprocess
 import tempfile
-import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+from bench.overlay_throughput import HAND_NET, hand_mac, hand_vxlan, iperf, loadavg, remove_hand_vxlan, wait_reachable
+from deploy.lab import Lab
 from nodeagent.accounting import JobNet, NetAccounting, NetTotals, UsageSpool
+from nodeagent.accounting.nft import Nft, NftError
+from nodeagent.accounting.rules import (
+    CHAINS,
+    DEVICE,
+    FAMILY,
+    KEYS,
+    PACKET_OTHERHOST,
+    TABLE,
+    create_commands,
+    mac_prefix,
+)
 from nodeagent.kernel.namespaces import Namespaces, write_sysctl
 
 NETNS = Path("/run/netns")
+T = f"{FAMILY} {TABLE}"
+OVERLAY_MTU = 1450
 
 
 def pct(xs: list[float], p: float) -> float:
@@ -30,12 +61,234 @@ def pct(xs: list[float], p: float) -> float:
     return xs[min(len(xs) - 1, int(p / 100 * len(xs)))]
 
 
+# ---------------------------------------------------------------------------------------------- rule sets
+
+def _chain(name: str, hooked: bool = True) -> str:
+    if not hooked:
+        return f"add chain {T} {name}"
+    hook, prio = CHAINS[name]
+    return f'add chain {T} {name} {{ type filter hook {hook} device "{DEVICE}" priority {prio}; policy accept; }}'
+
+
+def _product_only(chain: str) -> Callable[[int], str]:
+    """The product's transaction minus the other chain (same counters, same rules)."""
+    def build(prefix: int) -> str:
+        other = next(c for c in CHAINS if c != chain)
+        lines = [ln for ln in create_commands(prefix).splitlines()
+                 if not ln.startswith((f"add chain {T} {other} ", f"add rule {T} {other} "))]
+        return "\n".join(lines) + "\n"
+    return build
+
+
+def _same_rule(rule: Callable[[str], str]) -> Callable[[int], str]:
+    """Both chains, each with one rule `rule(direction)` (and the product's counter objects)."""
+    def build(_prefix: int) -> str:
+        cmds = [f"create table {T}", *(f"add counter {T} {d}_external" for d in CHAINS)]
+        for d in CHAINS:
+            cmds.append(_chain(d))
+            if r := rule(d):
+                cmds.append(f"add rule {T} {d} {r}")
+        return "\n".join(cmds) + "\n"
+    return build
+
+
+def _prefix_ranges(prefix: int, mine: str, other02: str, rest: str | None) -> str:
+    """Map elements over 24-bit MAC prefixes: our node's prefix -> mine, other 02:xx:xx -> other02, all else
+    -> rest (None: not in the map)."""
+    parts = [(0x020000, prefix - 1, other02), (prefix, prefix, mine), (prefix + 1, 0x02FFFF, other02)]
+    if rest is not None:
+        parts = [(0, 0x01FFFF, rest), *parts, (0x030000, 0xFFFFFF, rest)]
+    return ", ".join(f"0x{lo:06x}{'' if lo == hi else f'-0x{hi:06x}'} : {v}" for lo, hi, v in parts if lo <= hi)
+
+
+def _objmap(prefix: int) -> str:
+    """One lookup per frame: the counter's NAME is looked up by the 3-byte MAC prefix (the same classes)."""
+    cmds = [f"create table {T}", *(f"add counter {T} {k}" for k in KEYS), _chain("tx"), _chain("rx")]
+    tx = _prefix_ranges(prefix, '"tx_local"', '"tx_overlay"', '"tx_external"')
+    rx = _prefix_ranges(prefix, '"rx_local"', '"rx_overlay"', '"rx_external"')
+    cmds += [f"add rule {T} tx counter name @ll,0,24 map {{ {tx} }} accept",
+             f'add rule {T} tx counter name "tx_external"',
+             f"add rule {T} rx meta pkttype {PACKET_OTHERHOST} accept",
+             f"add rule {T} rx counter name @ll,48,24 map {{ {rx} }}"]
+    return "\n".join(cmds) + "\n"
+
+
+def _vmap(prefix: int) -> str:
+    """A verdict map on the MAC prefix, going to a chain per class that counts."""
+    cmds = [f"create table {T}", *(f"add counter {T} {k}" for k in KEYS), _chain("tx"), _chain("rx")]
+    for k in KEYS:
+        cmds += [_chain(k, hooked=False), f'add rule {T} {k} counter name "{k}" accept']
+    tx = _prefix_ranges(prefix, "goto tx_local", "goto tx_overlay", None)
+    rx = _prefix_ranges(prefix, "goto rx_local", "goto rx_overlay", "goto rx_external")
+    cmds += [f"add rule {T} tx @ll,0,24 vmap {{ {tx} }}", f'add rule {T} tx counter name "tx_external"',
+             f"add rule {T} rx meta pkttype {PACKET_OTHERHOST} accept", f"add rule {T} rx @ll,48,24 vmap {{ {rx} }}"]
+    return "\n".join(cmds) + "\n"
+
+
+VARIANTS: dict[str, Callable[[int], str]] = {
+    "on": create_commands,                                                  # the product, as installed
+    "none": lambda _prefix: "",                                              # no table either: an A/A control
+    "tx": _product_only("tx"),                                               # its egress chain alone
+    "rx": _product_only("rx"),                                               # its ingress chain alone
+    "hooks": _same_rule(lambda d: ""),                                       # both chains, no rule
+    "anon": _same_rule(lambda d: "counter"),                                 # one anonymous counter each
+    "named": _same_rule(lambda d: f'counter name "{d}_external"'),           # one named counter each
+    "match": _same_rule(lambda d: f"@ll,{0 if d == 'tx' else 48},8 0x02"),   # one payload match, no counter
+    "objmap": _objmap,                                                       # candidate: counter name by map
+    "vmap": _vmap,                                                           # candidate: verdict map + chains
+}
+
+
+def set_rules(acct: NetAccounting, netns: Path, commands: str | None) -> None:
+    """Replace the job's accounting table by `commands` (None: no table)."""
+    def work(nft: Nft) -> None:
+        with contextlib.suppress(NftError):
+            nft.run(f"delete table {T}")
+        if commands:
+            nft.run(commands)
+    acct.run_in(netns, work)
+
+
+def sh_in(netns: Path, *argv: str) -> None:
+    subprocess.run(["nsenter", f"--net={netns}", *argv], check=True, capture_output=True)
+
+
+def run_iperf(srv: Path, cli: Path, ip: str, seconds: float) -> dict[str, float]:
+    try:
+        return iperf(str(srv), str(cli), ip, seconds)
+    except RuntimeError as e:  # one retry: a stuck run is printed, not silently dropped
+        print(f"    iperf3 failed ({e}); once more")
+        return iperf(str(srv), str(cli), ip, seconds)
+
+
+def nft_share(data: Path) -> tuple[float, int]:
+    """From a `perf record -a -g` file: the share of the iperf3 processes' samples spent under the netdev
+    chains (nft_do_chain_netdev on the stack: hook entry, rules, counters), and their sample count."""
+    out = subprocess.run(["perf", "script", "-i", str(data), "-F", "comm,ip,sym"], capture_output=True, text=True,
+                         check=True).stdout
+    iperf_samples = inside = 0
+    for sample in out.split("\n\n"):
+        lines = sample.strip().splitlines()
+        if not lines or lines[0].split()[0] != "iperf3":
+            continue
+        iperf_samples += 1
+        inside += any(ln.split()[-1].startswith("nft_do_chain_netdev") for ln in lines[1:] if ln.split())
+    return (inside / iperf_samples if iperf_samples else float("nan")), iperf_samples
+
+
+def profiled_iperf(srv: Path, cli: Path, ip: str, seconds: float) -> tuple[dict[str, float], float, int]:
+    """One run with `perf record -a` (cpu-clock, call graphs) over its middle; + nft_share of it."""
+    with tempfile.TemporaryDirectory(prefix="jnab-perf") as d:
+        data = Path(d) / "perf.data"
+        perf = subprocess.Popen(["perf", "record", "-q", "-a", "-g", "-e", "cpu-clock", "-F", "2000", "-o", str(data),
+                                 "--", "sleep", str(max(1.0, seconds - 1.5))], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        try:
+            res = run_iperf(srv, cli, ip, seconds)
+        finally:
+            perf.wait()
+        share, n = nft_share(data)
+    return res, share, n
+
+
+def spread(xs: list[float]) -> str:
+    return (f"median {statistics.median(xs):.3f}, IQR {pct(xs, 25):.3f}-{pct(xs, 75):.3f}, "
+            f"range {min(xs):.3f}-{max(xs):.3f}, n={len(xs)}")
+
+
+def throughput(acct: NetAccounting, label: str, jobs: dict[str, tuple[Path, str]], ip: str,
+               a: argparse.Namespace) -> dict[str, list[float]]:
+    """A/B pairs, `off` against each variant, alternating the order; prints every pair and the medians.
+    `jobs`: {"srv": (netns, mac), "cli": (netns, mac)}. Returns {variant: [ratio of each pair]}."""
+    srv, cli = jobs["srv"][0], jobs["cli"][0]
+    if a.no_offload:
+        for netns, _ in jobs.values():
+            sh_in(netns, "ethtool", "-K", DEVICE, "tso", "off", "gso", "off", "gro", "off")
+    wait_reachable(str(cli), ip)
+    version = subprocess.run(["iperf3", "--version"], capture_output=True, text=True).stdout.split()[1]
+    print(f"\npacket path, {label}: iperf3 {version} -J, 1 TCP stream, {a.seconds:g} s per run, {a.pairs} A/B pairs "
+          f"per variant (order alternating); kernel {platform.release()}, {os.cpu_count()} cpus shared; "
+          f"offloads {'OFF (per-packet amplifier)' if a.no_offload else 'as made'}; loadavg {loadavg()}")
+    runs: dict[str, list[dict[str, float]]] = {v: [] for v in ["off", *a.variants]}
+    ratios: dict[str, list[float]] = {v: [] for v in a.variants}
+    for r in range(a.pairs):
+        for v in a.variants:
+            order = ("off", v) if r % 2 == 0 else (v, "off")
+            got: dict[str, dict[str, float]] = {}
+            for k in order:
+                for netns, mac in jobs.values():
+                    set_rules(acct, netns, None if k == "off" else VARIANTS[k](mac_prefix(mac)))
+                got[k] = run_iperf(srv, cli, ip, a.seconds)
+                runs[k].append(got[k])
+                if r == 0 and k == "on":  # the product's table counted the stream, in the right class
+                    cnt = acct.read({"cli": JobNet(cli, jobs["cli"][1])})["cli"]
+                    assert not isinstance(cnt, Exception), cnt
+                    print("    client's counters after its 'on' run (frame bytes/packets): " + ", ".join(
+                        f"{d}_{c} {b}/{p}" for d in ("tx", "rx") for c, (b, p) in cnt.totals.direction(d).items() if b))
+            ratios[v].append(got[v]["gbps"] / got["off"]["gbps"])
+            print(f"  pair {r + 1:2}/{a.pairs} {v:>6}: off {got['off']['gbps']:6.2f}, {v} {got[v]['gbps']:6.2f} "
+                  f"Gbit/s ({order[0]} first), ratio {ratios[v][-1]:.3f}; retransmits {got['off']['retr']:.0f}/"
+                  f"{got[v]['retr']:.0f}; loadavg {loadavg()}")
+    if a.profile:
+        print("  CPU profile (perf record -a, cpu-clock 2 kHz, one run per variant): share of the iperf3 processes' "
+              "samples under the accounting chains (nft_do_chain_netdev on the stack)")
+        for k in a.variants:
+            for netns, mac in jobs.values():
+                set_rules(acct, netns, VARIANTS[k](mac_prefix(mac)))
+            res, share, n = profiled_iperf(srv, cli, ip, a.seconds)
+            print(f"    {k:8} {100 * share:5.2f} % of {n} samples ({res['gbps']:.2f} Gbit/s; loadavg {loadavg()})")
+    for netns, _ in jobs.values():
+        set_rules(acct, netns, None)
+    print(f"  {label}, loadavg at the end {loadavg()}:")
+    print(f"  {'variant':8} {'Gbit/s median':>13}  {'snd/rcv cpu%':>12}  ratio to off per pair")
+    for k, xs in runs.items():
+        if not xs:
+            continue
+        cpu = f"{statistics.median(x['cpu_snd'] for x in xs):.0f}/{statistics.median(x['cpu_rcv'] for x in xs):.0f}"
+        line = f"  {k:8} {statistics.median(x['gbps'] for x in xs):13.2f}  {cpu:>12}  "
+        if k != "off":
+            line += spread(ratios[k])
+        print(line)
+    if ratios.get("on"):
+        m = statistics.median(ratios["on"])
+        print(f"  accounting on / off, median of {len(ratios['on'])} pairs = {m:.3f}   target >= 0.98   "
+              f"{'PASS' if m >= 0.98 else 'MISS'}")
+    return ratios
+
+
+def throughput_overlay(acct: NetAccounting, prefix: str, a: argparse.Namespace) -> dict[str, list[float]]:
+    """Two "nodes" (the lab's underlay, no controller or agents) and the hand-built VXLAN data path."""
+    lab = Lab(name=f"{prefix}o", nodes=2, dir=Path(f"/run/jobnet/bench-{prefix}o"))
+    made: list[str] = []
+    try:
+        lab.network_up()
+        hand_vxlan(lab, OVERLAY_MTU, made)
+        jobs = {"srv": (NETNS / made[1], hand_mac(2)), "cli": (NETNS / made[0], hand_mac(1))}
+        return throughput(acct, f"overlay (VXLAN between two nodes, MTU {OVERLAY_MTU})", jobs, f"{HAND_NET}.2", a)
+    finally:
+        with contextlib.suppress(Exception):
+            remove_hand_vxlan(lab, made)
+        lab.down()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--jobs", type=int, default=200)
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--tcp-seconds", type=float, default=2.0)
+    ap.add_argument("--pairs", type=int, default=10, help="A/B pairs per variant and path (0: none)")
+    ap.add_argument("--seconds", type=float, default=3.0, help="iperf3 -t of every run")
+    ap.add_argument("--variants", default="on", help=f"comma-separated, of {', '.join(VARIANTS)}, or all")
+    ap.add_argument("--no-overlay", dest="overlay", action="store_false", help="the local path only")
+    ap.add_argument("--local", dest="local", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--no-offload", action="store_true", help="TSO/GSO/GRO off on both jobs' eth0")
+    ap.add_argument("--profile", action="store_true",
+                    help="also one perf-profiled run per variant: CPU share of the accounting chains")
     a = ap.parse_args()
+    a.variants = list(VARIANTS) if a.variants == "all" else a.variants.split(",")
+    if unknown := set(a.variants) - set(VARIANTS):
+        ap.error(f"unknown variants {sorted(unknown)}")
+    if a.jobs < 2:
+        ap.error("--jobs must be at least 2")
     from pyroute2 import IPRoute, netns
 
     prefix = f"jnab{os.getpid() % 100000}"
@@ -125,39 +378,13 @@ def main() -> None:
               f"median {statistics.median(one):.2f} ms; ack of a pass (segment deleted, marks written) median "
               f"{statistics.median(acks):.2f} ms")
 
-        # 5. the packet path: TCP bulk between two jobs, with the tables and without
-        def bulk() -> float:
-            srv = ns.run_in(NETNS / names[1], lambda: socket.socket())
-            srv.bind(("10.252.0.2", 7300))
-            srv.listen(1)
-            cli = ns.run_in(NETNS / names[0], lambda: socket.socket())
-            got = [0]
-
-            def sink() -> None:
-                c, _ = srv.accept()
-                while d := c.recv(1 << 20):
-                    got[0] += len(d)
-                c.close()
-
-            t = threading.Thread(target=sink)
-            t.start()
-            cli.connect(("10.252.0.2", 7300))
-            buf = b"\0" * (1 << 18)
-            t0 = time.perf_counter()
-            while time.perf_counter() - t0 < a.tcp_seconds:
-                cli.sendall(buf)
-            cli.close()
-            t.join()
-            srv.close()
-            return got[0] * 8 / (time.perf_counter() - t0) / 1e9
-
-        with_tables = [bulk() for _ in range(3)]
-        for n in names[:2]:
-            acct.run_in(NETNS / n, lambda nft: nft.run("delete table netdev jn_acct"))
-        without = [bulk() for _ in range(3)]
-        print(f"TCP bulk between two jobs (python sender, GSO): {statistics.median(with_tables):.1f} Gbit/s with the "
-              f"tables, {statistics.median(without):.1f} Gbit/s without (ratio "
-              f"{statistics.median(with_tables) / statistics.median(without):.2f})")
+        # 5. the packet path: iperf3 between two jobs with the tables and without, A/B in the same run
+        if a.pairs or a.profile:
+            jobs_local = {"srv": (NETNS / names[1], macs[names[1]]), "cli": (NETNS / names[0], macs[names[0]])}
+            if a.local:
+                throughput(acct, "local (two jobs on one bridge)", jobs_local, "10.252.0.2", a)
+            if a.overlay:
+                throughput_overlay(acct, prefix, a)
     finally:
         for n in reversed(made):
             with contextlib.suppress(OSError):

@@ -102,7 +102,8 @@ def iperf_many(runs: list[tuple[str, str, str]], seconds: float) -> list[dict[st
 
 
 def hand_mac(i: int) -> str:
-    return f"02:42:42:00:00:{i:02x}"
+    """Node i's job: 02:42:<i> is the node's prefix, as jobnet's MACs are (bench.accounting classes by it)."""
+    return f"02:42:{i:02x}:00:00:{i:02x}"
 
 
 def hand_vxlan(lab: Lab, mtu: int, made: list[str]) -> None:

@@ -120,6 +120,11 @@ class Lab:
             self.down()
             raise
 
+    def network_up(self) -> None:
+        """Only the namespaces and the underlay (no controller, no agents): for benches that build their own
+        data path between the nodes. `down()` removes it."""
+        self._network_up()
+
     def _network_up(self) -> None:
         from pyroute2 import netns
 
