@@ -1,7 +1,7 @@
 """Per-job network setup and teardown latency: jobnet's reconciler vs the CNI reference plugins
 (`bridge` + `host-local`, Debian's containernetworking-plugins) doing the same work in the same run.
 
-    python -m bench.job_setup [--jobs 500] [--rounds 3]
+    python -m bench.job_setup [--jobs 500] [--rounds 3] [--groups 1]
 
 Throwaway "node" network namespaces, `jnbs<pid>-j` (jobnet) and `jnbs<pid>-c` (CNI), so each side sees
 only its own links and the host is untouched. The bench process lives in the jobnet node namespace; a
@@ -9,7 +9,15 @@ worker thread entered the CNI one and execs the plugins from there (a child inhe
 
   jobnet  one job is added to the desired state and `NetworkReconciler.reconcile(full=False)` runs, the way
           the agent does when a job arrives: network namespace + veth (peer made in the job namespace) +
-          bridge port + address, MAC, MTU, default route via the gateway, lo up, IPv6 off.
+          bridge port + address, MAC, MTU, default route via the gateway, lo up, IPv6 off, its static
+          bridge FDB entry, and a permanent neighbour entry for every peer of its group in its namespace
+          (all jobs here are of ONE group: the 500th job gets 499). The same reconcile then spreads the new
+          job's own entry into the namespaces of the jobs already there (`last_fan_out_s`: one request
+          per namespace, O(group size) by nature). That fan-out is the group's convergence on the node, as
+          the remote nodes' entries are (bench/convergence.py), not the work CNI does for a container:
+          "setup" below is the job's own network (the reconcile minus the fan-out), and the fan-out and
+          the sum are printed next to it. The agent waits for both before it starts the job (a peer
+          answering the job never has to ARP for it).
   CNI     the `bridge` plugin (which execs `host-local`) with CNI_COMMAND=ADD for a namespace made
           beforehand: veth + bridge port + IPAM + address, MTU, default route via the gateway. Creating the
           namespace (`ip netns add`) is NOT counted for CNI: conservative for jobnet.
@@ -61,7 +69,6 @@ CNI_BIN = Path("/usr/lib/cni")
 CLONE_NEWNET = 0x40000000
 MNT_DETACH = 2
 UNDERLAY_IP = "198.18.0.11"
-GATEWAY_J, SUBNET_J = "10.200.0.1", "10.200.0.0/22"
 GATEWAY_C, SUBNET_C = "10.201.0.1", "10.201.0.0/22"
 MTU = 1450
 
@@ -91,38 +98,44 @@ def verdict(ok: bool) -> str:
 class Jobnet:
     """jobnet's reconciler on one node (the calling thread's network namespace)."""
 
-    def __init__(self, netns_dir: Path) -> None:
+    def __init__(self, netns_dir: Path, groups: int = 1) -> None:
         from nodeagent.desired import DesiredState, GroupSpec
         from nodeagent.kernel.reconciler import NetSettings, NetworkReconciler
 
         self.rec = NetworkReconciler(NetSettings(netns_dir=netns_dir, underlay_ifname="jnsul",
                                                  underlay_ip=UNDERLAY_IP))
-        self.group = GroupSpec("bench", 4100, SUBNET_J, GATEWAY_J, MTU)
+        # Group g: 10.200.<4g>.0/22 on its own bridge.
+        self.groups = {f"bench{g}": GroupSpec(f"bench{g}", 4100 + g, f"10.200.{4 * g}.0/22", f"10.200.{4 * g}.1", MTU)
+                       for g in range(groups)}
         self.jobs: dict[str, Any] = {}
-        self.state = DesiredState(1, {"bench": self.group}, {}, {})
+        self.state = DesiredState(1, dict(self.groups), {}, {})
         self.rec.reconcile(self.state, full=True)
 
-    def _publish(self) -> float:
+    def _publish(self) -> tuple[float, float]:
+        """(the job's own network, the group's fan-out) in ms: one reconcile, split by what it did."""
         from nodeagent.desired import DesiredState
 
-        state = DesiredState(self.state.revision + 1, {"bench": self.group}, dict(self.jobs), {})
+        state = DesiredState(self.state.revision + 1, dict(self.groups), dict(self.jobs), {})
         t0 = time.perf_counter()
         self.rec.reconcile(state, full=False)
         dt = (time.perf_counter() - t0) * 1000
         self.state = state
-        return dt
+        fan = self.rec.last_fan_out_s * 1000
+        return dt - fan, fan
 
-    def add(self, r: int, i: int) -> float:
-        """Add job i; returns the reconcile's ms (building the desired state is not counted)."""
+    def add(self, r: int, i: int) -> tuple[float, float]:
+        """Add job i; returns the reconcile's ms (building the desired state is not counted): the job's own
+        network, and the fan-out of its entry into the other jobs of its group."""
         from nodeagent.desired import LocalJob
 
         jid = f"{r:02x}{i:08x}"
-        ip = f"10.200.{(i + 2) // 256}.{(i + 2) % 256}"
-        self.jobs[jid] = LocalJob(jid, "bench", ip, f"02:00:00:{r:02x}:{(i >> 8) & 255:02x}:{i & 255:02x}",
+        g, j = i % len(self.groups), i // len(self.groups)  # jobs dealt round robin into the groups
+        ip = f"10.200.{4 * g + (j + 2) // 256}.{(j + 2) % 256}"
+        self.jobs[jid] = LocalJob(jid, f"bench{g}", ip, f"02:00:00:{r:02x}:{(i >> 8) & 255:02x}:{i & 255:02x}",
                                   ("true",))
         return self._publish()
 
-    def remove(self) -> float:
+    def remove(self) -> tuple[float, float]:
         del self.jobs[next(iter(self.jobs))]
         return self._publish()
 
@@ -237,9 +250,9 @@ class Control:
         self.jn = Jobnet(netns_dir)
 
     def _cycle(self, r: int, i: int) -> float:
-        dt = self.jn.add(r, i)
+        own, _ = self.jn.add(r, i)  # (1 live job: no peer, no fan-out)
         self.jn.remove()
-        return dt
+        return own
 
     def cycle(self, r: int, i: int) -> float:
         """Add one job (timed, as the ramp's), then remove it."""
@@ -280,33 +293,40 @@ def wait_gone(cni: Cni | None, timeout: float = 30.0) -> float:
 # -- the run ---------------------------------------------------------------------------------------------
 
 
-def one_round(r: int, n: int, work: Path, tag: str, ctl: Control) -> dict[str, Any]:
+def one_round(r: int, n: int, work: Path, tag: str, ctl: Control, groups: int = 1) -> dict[str, Any]:
     """Phase A: jobnet alone (the node has only jobnet's jobs), with the control. Phase B: jobnet and CNI
     alternating, with the control."""
-    keys = ("a_setup", "a_ctl", "a_down", "j_setup", "c_setup", "k_setup", "j_down", "c_del", "c_down")
+    keys = ("a_setup", "a_fan", "a_ctl", "a_down", "a_dfan", "j_setup", "j_fan", "c_setup", "k_setup", "j_down",
+            "c_del", "c_down")
     out: dict[str, Any] = {k: [] for k in keys}
     load0 = loadavg()
-    jn = Jobnet(work / "netns")
+    jn = Jobnet(work / "netns", groups)
     try:
         gc.collect()
         for i in range(n):
-            out["a_setup"].append(jn.add(r, i))
+            own, fan = jn.add(r, i)
+            out["a_setup"].append(own)
+            out["a_fan"].append(fan)
             out["a_ctl"].append(ctl.cycle(r, i))
         for _ in range(n):
-            out["a_down"].append(jn.remove())
+            own, fan = jn.remove()
+            out["a_down"].append(own)
+            out["a_dfan"].append(fan)
         out["a_gone_s"] = wait_gone(None)
     finally:
         jn.close()
-    jn = Jobnet(work / "netns")
+    jn = Jobnet(work / "netns", groups)
     cni = Cni(work, tag, f"{tag}-c")
     try:
         gc.collect()
         for i in range(n):
-            out["j_setup"].append(jn.add(r + 0x80, i))
+            own, fan = jn.add(r + 0x80, i)
+            out["j_setup"].append(own)
+            out["j_fan"].append(fan)
             out["c_setup"].append(cni.add(i))
             out["k_setup"].append(ctl.cycle(r + 0x80, i))
         for _ in range(n):
-            out["j_down"].append(jn.remove())
+            out["j_down"].append(jn.remove()[0])
             d, t = cni.remove()
             out["c_del"].append(d)
             out["c_down"].append(t)
@@ -323,23 +343,28 @@ def summary(o: dict[str, Any], k: int) -> dict[str, float]:
         return pct(xs[-k:], 50) / pct(xs[:k], 50)
 
     a, js, cs = o["a_setup"], o["j_setup"], o["c_setup"]
+    tot = [x + y for x, y in zip(a, o["a_fan"], strict=True)]
     return {"a50": pct(a, 50), "a90": pct(a, 90), "a99": pct(a, 99), "aflat": flat(a), "akflat": flat(o["a_ctl"]),
+            "fan_first": pct(o["a_fan"][:k], 50), "fan_last": pct(o["a_fan"][-k:], 50), "tot50": pct(tot, 50),
+            "tot_first": pct(tot[:k], 50), "tot_last": pct(tot[-k:], 50),
             "aadj": flat(a) / flat(o["a_ctl"]), "ad50": pct(o["a_down"], 50),
             "j50": pct(js, 50), "c50": pct(cs, 50), "ratio": pct(js, 50) / pct(cs, 50), "flat": flat(js),
             "kflat": flat(o["k_setup"]), "cflat": flat(cs), "jd50": pct(o["j_down"], 50), "cd50": pct(o["c_down"], 50)}
 
 
-def inner(n: int, rounds: int, work: Path, tag: str) -> int:
+def inner(n: int, rounds: int, work: Path, tag: str, groups: int = 1) -> int:
     node_setup()
     ctl = Control(work / "netns-k", f"{tag}-k")
     try:
-        return report(n, rounds, work, tag, ctl)
+        return report(n, rounds, work, tag, ctl, groups)
     finally:
         ctl.close()
 
 
-def report(n: int, rounds: int, work: Path, tag: str, ctl: Control) -> int:
-    print(f"per-job network setup/teardown: {n} jobs per side on one bridge, {rounds} round(s); kernel "
+def report(n: int, rounds: int, work: Path, tag: str, ctl: Control, groups: int = 1) -> int:
+    shape = "in ONE group (one bridge)" if groups == 1 else f"in {groups} groups of ~{n // groups} (a bridge each)"
+    print(f"per-job network setup/teardown: {n} jobnet jobs {shape}, {n} CNI containers on one bridge, "
+          f"{rounds} round(s); kernel "
           f"{platform.release()}, {os.cpu_count()} cpus shared with other work, python "
           f"{platform.python_version()}, CNI plugins {cni_version()}; loadavg {loadavg()}")
     k = min(50, n // 4)
@@ -352,18 +377,22 @@ def report(n: int, rounds: int, work: Path, tag: str, ctl: Control) -> int:
             print(fmt(f"  step {lo + 1}-{min(n, lo + 100)}", o[key][lo:lo + 100]))
 
     for r in range(rounds):
-        o = one_round(r, n, work, tag, ctl)
+        o = one_round(r, n, work, tag, ctl, groups)
         allr.append(o)
         s = summary(o, k)
         sums.append(s)
         print(f"\n round {r + 1}/{rounds} (loadavg {o['load']}), ms")
         print(" A: jobnet alone")
-        ramp(o, "a_setup", "jobnet setup")
+        ramp(o, "a_setup", "jobnet setup (the job's own network)")
+        ramp(o, "a_fan", "+ fan-out into its group's jobs")
         ramp(o, "a_ctl", "control: jobnet setup, 1 live job")
         print(fmt("jobnet teardown", o["a_down"]))
+        print(fmt("+ fan-out (its entry out of the others)", o["a_dfan"]))
         print(f"  all job veths gone {o['a_gone_s'] * 1000:.0f} ms after the last teardown returned")
         print(f"  p50 last {k} / first {k}: jobnet {s['aflat']:.3f}, control {s['akflat']:.3f}; "
               f"jobnet / control {s['aadj']:.3f}")
+        print(f"  own network + fan-out, p50 first {k} / last {k}: {s['tot_first']:.2f} / {s['tot_last']:.2f} ms "
+              f"(fan-out alone {s['fan_first']:.2f} / {s['fan_last']:.2f} ms)")
         print(" B: jobnet and CNI alternating")
         ramp(o, "j_setup", "jobnet setup")
         ramp(o, "c_setup", "CNI bridge+host-local ADD")
@@ -404,6 +433,8 @@ def report(n: int, rounds: int, work: Path, tag: str, ctl: Control) -> int:
           f"{verdict(abs(flat - 1) <= 0.20)}")
     print(f"  A same ÷ the control's {med('akflat'):.3f}             {adj:6.3f}      lower bound, not the verdict: "
           f"{'within' if abs(adj - 1) <= 0.20 else 'outside'} 1 +- 0.20")
+    print(f"  A own network + fan-out p50 {med('tot50'):.2f} ms: first {k} {med('tot_first'):.2f}, last {k} "
+          f"{med('tot_last'):.2f} (fan-out {med('fan_first'):.2f} -> {med('fan_last'):.2f} ms; not in the verdicts)")
     print(f"  B setup p50 jobnet {med('j50'):.2f} ms, CNI {med('c50'):.2f} ms, ratio {ratio:6.3f}   target <= 0.40"
           f"           {verdict(ratio <= 0.40)}")
     print(f"  teardown p50 jobnet {med('ad50'):.3f} ms (B: {med('jd50'):.3f}), CNI DEL + netns {med('cd50'):.2f} ms "
@@ -437,15 +468,21 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--jobs", type=int, default=500, help="live jobs per side at the top of the ramp")
     ap.add_argument("--rounds", type=int, default=3, help="ramps, each from an empty bridge")
+    ap.add_argument("--groups", type=int, default=1,
+                    help="jobnet's jobs dealt round robin into this many groups (a bridge and a /22 each); 1: all "
+                         "jobs in ONE group, the worst case for the neighbour entries (the 500th job of a group "
+                         "gets 499 and is written into 499 namespaces)")
     ap.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--tag", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.inner:
-        return inner(a.jobs, a.rounds, Path(f"/run/jobnet/bench-setup-{a.tag}"), a.tag)
+        return inner(a.jobs, a.rounds, Path(f"/run/jobnet/bench-setup-{a.tag}"), a.tag, a.groups)
     if os.geteuid() != 0:
         sys.exit("run as root")
-    if a.jobs > 1000:
-        sys.exit("--jobs: at most 1000 (the /22 subnets)")
+    if a.jobs > 1000 * a.groups:
+        sys.exit("--jobs: at most 1000 per group (the /22 subnets)")
+    if not 1 <= a.groups <= 63:
+        sys.exit("--groups: 1 to 63")
     tag = f"jnbs{os.getpid()}"
     work = Path(f"/run/jobnet/bench-setup-{tag}")
     work.mkdir(parents=True)
@@ -455,7 +492,8 @@ def main() -> int:
         root = Path(__file__).resolve().parent.parent
         return subprocess.run([sys.executable, "-m", "deploy.lab", "_nsexec", f"/run/netns/{tag}-j", "--",
                                sys.executable, "-m", "bench.job_setup", "--inner", "--tag", tag,
-                               "--jobs", str(a.jobs), "--rounds", str(a.rounds)], cwd=root).returncode
+                               "--jobs", str(a.jobs), "--rounds", str(a.rounds), "--groups", str(a.groups)],
+                              cwd=root).returncode
     finally:
         cleanup(tag, work)
 
