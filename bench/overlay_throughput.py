@@ -7,7 +7,8 @@ Paths measured (iperf3, one TCP stream, offloads left as the kernel made them, m
   underlay   node n1 -> node n2: their underlay veths and the lab's underlay bridge (no encapsulation)
   hand-vxlan netns -> veth -> bridge -> vxlan (VNI 4242, port 4789, nolearning, proxy, static FDB and
              neighbour entries, group MTU) -> underlay -> ... -> netns, built by hand with `ip`/`bridge` in
-             the same two node namespaces, next to jobnet's devices
+             the same two node namespaces, next to jobnet's devices; its job namespaces get jobnet's
+             accounting table as a job does (--no-hand-accounting: none), so the ratio compares networks
   jobnet     a jobnet job on n1 -> a jobnet job on n2 (same group), made through the controller
 The three paths are measured in turn within every repeat (the order rotates), so drift from other work on
 a shared machine hits every path alike. Then --pairs runs of jobnet and hand-vxlan at the SAME time (two
@@ -109,7 +110,8 @@ def hand_mac(i: int) -> str:
 def hand_vxlan(lab: Lab, mtu: int, made: list[str]) -> None:
     """Build, by hand, the data path jobnet builds: in each node netns a bridge + a VXLAN device (nolearning,
     proxy, head-end replication entry + static FDB and neighbour entries for the remote end), and a veth to
-    a job-like netns. Appends each namespace it creates to `made` (removed by the caller)."""
+    a job-like netns (its port: learning off, the job's MAC static and sticky on it). Appends each namespace
+    it creates to `made` (removed by the caller)."""
     for i, node in enumerate(("n1", "n2"), start=1):
         other = 2 if i == 1 else 1
         node_ns = lab.ns(node)
@@ -131,9 +133,25 @@ def hand_vxlan(lab: Lab, mtu: int, made: list[str]) -> None:
            "permanent")
         sh(*run, "link", "add", "jnhv", "mtu", str(mtu), "type", "veth", "peer", "name", "eth0", "netns", job_ns)
         sh(*run, "link", "set", "jnhv", "master", "jnhbr", "up")
+        # as jobnet's job ports: learning off, the job's MAC a static sticky entry on its port
+        sh("bridge", "-n", node_ns, "link", "set", "dev", "jnhv", "learning", "off")
+        sh("bridge", "-n", node_ns, "fdb", "replace", hand_mac(i), "dev", "jnhv", "master", "static", "sticky")
         sh("ip", "-n", job_ns, "link", "set", "lo", "up")
         sh("ip", "-n", job_ns, "link", "set", "eth0", "mtu", str(mtu), "address", hand_mac(i), "up")
         sh("ip", "-n", job_ns, "addr", "add", f"{HAND_NET}.{i}/24", "dev", "eth0")
+
+
+def hand_accounting(made: list[str]) -> None:
+    """jobnet's accounting table in the hand-built job namespaces (as the agent makes it for a job), so that
+    both paths carry the same per-frame cost and the ratio compares the networks alone."""
+    from nodeagent.accounting import NetAccounting
+
+    acct = NetAccounting()
+    try:
+        for i, job_ns in enumerate(made, start=1):
+            acct.ensure(f"hand{i}", Path(f"/run/netns/{job_ns}"), hand_mac(i))
+    finally:
+        acct.close()
 
 
 def remove_hand_vxlan(lab: Lab, made: list[str]) -> None:
@@ -231,6 +249,9 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=5, help="iperf3 -t of every run")
     ap.add_argument("--repeat", type=int, default=7, help="runs per path (median reported)")
     ap.add_argument("--pairs", type=int, default=7, help="concurrent jobnet + hand-vxlan runs (0: none)")
+    ap.add_argument("--no-hand-accounting", action="store_true",
+                    help="leave the hand-built job namespaces without jobnet's accounting table (by default they get "
+                         "the same one, so the ratio compares the networks; bench/accounting measures the table)")
     a = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("run as root")
@@ -245,6 +266,8 @@ def main() -> int:
         j2 = stub.CreateJob(pb.CreateJobRequest(group="bench", node="n2", command=["sleep", "3600"]))
         wait_running(lab, [j1.id, j2.id])
         hand_vxlan(lab, g.mtu, made)
+        if not a.no_hand_accounting:
+            hand_accounting(made)
         paths = {
             "underlay": (f"/run/netns/{lab.ns('n2')}", f"/run/netns/{lab.ns('n1')}", lab.underlay_ip("n2")),
             "hand-vxlan": (f"/run/netns/{made[1]}", f"/run/netns/{made[0]}", f"{HAND_NET}.2"),
@@ -261,6 +284,9 @@ def main() -> int:
         print(f"overlay throughput: iperf3 {sh('iperf3', '--version').split()[1]}, 1 TCP stream, "
               f"{a.seconds:g} s x {a.repeat} per path (median); kernel {platform.release()}, {os.cpu_count()} cpus "
               f"shared with other work; group VNI {g.vni} MTU {g.mtu}, underlay MTU 1500; loadavg {loadavg()}")
+        print("  jobnet's per-job accounting table (nftables, netdev egress + ingress on eth0) is on both job paths"
+              if not a.no_hand_accounting else
+              "  the hand-built job namespaces have NO accounting table (jobnet's jobs do: its cost is in the ratio)")
         print(f"  offloads on (sender side): jobnet eth0 [{offloads(paths['jobnet'][1], 'eth0')}], "
               f"hand eth0 [{offloads(paths['hand-vxlan'][1], 'eth0')}], "
               f"vxlan jnx{g.vni} [{offloads('/run/netns/' + lab.ns('n1'), f'jnx{g.vni}')}], "
