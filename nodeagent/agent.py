@@ -62,6 +62,7 @@ END_REASONS = {
 
 class NetworkReconcilerLike(Protocol):
     def reconcile(self, desired: DesiredState, full: bool = False) -> list[Any]: ...
+    def refill_spares(self, limit: int | None = None) -> int: ...
     def job_netns_path(self, job_id: str) -> Path: ...
     def close(self) -> None: ...
 
@@ -546,6 +547,11 @@ class Agent:
                 self.finished -= gone
                 self._stopping_jobs -= gone
                 self.store.save_finished(set(self.finished))
+        # Spare job namespaces for the next jobs (kernel/spares.py), now that this pass's jobs run.
+        try:
+            self.network.refill_spares()
+        except Exception:
+            log.exception("making spare job network namespaces failed")
         self.stats["reconciles"] += 1
         self.stats["full_reconciles"] += int(full)
         log.debug("reconcile of revision %d took %.1f ms", desired.revision,

@@ -39,6 +39,7 @@ from nodeagent.kernel.namespaces import Namespaces, write_sysctl
 from nodeagent.kernel.neighwatch import NeighWatch
 from nodeagent.kernel.netlink import Netlink
 from nodeagent.kernel.observe import LOOPBACK_IFINDEX
+from nodeagent.kernel.spares import FRESH_NS_ETH0_INDEX, Spare, SparePool
 from nodeagent.kernel.steps import (
     AddFloodEntry,
     ConfigureJob,
@@ -69,7 +70,6 @@ log = logging.getLogger("jobnet.agent.kernel")
 ENTRY_STEPS = (AddFloodEntry, ReplaceFdb, ReplaceNeigh, DeleteFdb, DeleteNeigh, ReplaceBridgeFdb, DeleteBridgeFdb)
 DELETE_ENTRY_STEPS = (DeleteFdb, DeleteNeigh, DeleteBridgeFdb)
 JOB_NEIGH_STEPS = (ReplaceJobNeigh, DeleteJobNeigh, SpreadJobNeigh, WithdrawJobNeigh)  # apply_job_neigh
-FRESH_NS_ETH0_INDEX = 2  # a new namespace has only lo (ifindex 1): eth0 is created with ifindex 2
 # A job sends nothing on its own (every byte it sends is charged to it): no IPv6 (no link-local address,
 # DAD, router solicitation or MLD); no gratuitous ARP when eth0 comes up or changes its MAC (arp_notify,
 # inherited from the host's init namespace otherwise). Its peers' addresses are permanent neighbour entries
@@ -101,8 +101,9 @@ class Applier:
     of ifindex by name; `reset_index` replaces it after a full observation."""
 
     def __init__(self, settings: NetSettings, nl: Netlink, namespaces: Namespaces,
-                 watch: NeighWatch | None = None) -> None:
+                 watch: NeighWatch | None = None, spares: SparePool | None = None) -> None:
         self.s = settings
+        self.spares = spares  # taken first by CreateJobNetwork
         self.nl = nl
         self.ns = namespaces
         self.watch = watch  # told about job namespaces made, remade and removed
@@ -422,6 +423,9 @@ class Applier:
         self.ns.remove(self.job_netns_path(step.netns))
 
     def _create_job(self, spec: JobNetSpec) -> None:
+        spare = self.spares.take() if self.spares is not None else None
+        if spare is not None and self._create_job_from(spare, spec):
+            return
         path = self.job_netns_path(spec.netns)
 
         made: list[_JobSock] = []
@@ -476,6 +480,48 @@ class Applier:
             except KernelError as e:  # its table is read whole at the next full reconcile instead
                 log.warning("not watching the neighbours of job %s: %s", spec.job_id, e)
 
+    def _create_job_from(self, spare: Spare, spec: JobNetSpec) -> bool:
+        """Make the job's network out of a spare namespace (spares.py); False (the spare discarded, nothing
+        of the job made) when the spare cannot be taken: the caller makes one the cold way."""
+        assert self.spares is not None
+        path = self.job_netns_path(spec.netns)
+        try:
+            index = socket.if_nametoindex(spare.ifname)
+            rawnl.send(self._raw, [rawnl.link_rename(spare.ifname, index, spec.host_ifname)], self.nl.netns)
+        except (KernelError, OSError) as e:
+            log.warning("spare namespace %s not usable for job %s (%s): making one", spare.path.name, spec.job_id, e)
+            self.spares.discard(spare, [spare.ifname])
+            return False
+        try:
+            self.ns.move(spare.path, path)
+        except KernelError as e:
+            log.warning("spare namespace %s not usable for job %s (%s): making one", spare.path.name, spec.job_id, e)
+            self.spares.discard(spare, [spec.host_ifname])
+            return False
+        # The namespace and the veth are the job's now; the rest as for a new one (eth0 keeps ifindex 2).
+        self._close_job_sock(spec.job_id)
+        self._jobsocks[spec.job_id] = _JobSock(spare.sock, FRESH_NS_ETH0_INDEX, spare.ino)
+        self._forget(spec.host_ifname)
+        eth0 = FRESH_NS_ETH0_INDEX
+        try:
+            rawnl.send(spare.sock, [
+                rawnl.link_set_up(names.JOB_IFNAME, eth0, spec.mac, spec.mtu),
+                rawnl.addr_replace(names.JOB_IFNAME, eth0, spec.ip, spec.prefixlen),
+                rawnl.default_route_replace(names.JOB_IFNAME, eth0, spec.gateway),
+            ], spec.netns)
+            self._attach_port(spec, mtu=spec.mtu, ipv6_off=False)  # (IPv6 went off when the spare was made)
+        except BaseException:
+            with contextlib.suppress(KernelError):  # the original error matters; a full reconcile cleans up
+                self.nl.delete_link(spec.host_ifname)
+                self._delete_job(DeleteJobNetwork(spec.job_id, spec.netns, spec.host_ifname))
+            raise
+        if self.watch is not None:
+            try:
+                self.watch.fresh(spec.job_id, path, eth0)
+            except KernelError as e:  # its table is read whole at the next full reconcile instead
+                log.warning("not watching the neighbours of job %s: %s", spec.job_id, e)
+        return True
+
     def _configure_job(self, spec: JobNetSpec, recreate_veth: bool) -> None:
         path = self.job_netns_path(spec.netns)
         if self.watch is not None:
@@ -522,11 +568,12 @@ class Applier:
         self._forget(spec.host_ifname)
         self._attach_port(spec)
 
-    def _attach_port(self, spec: JobNetSpec, mtu: int = 0) -> None:
+    def _attach_port(self, spec: JobNetSpec, mtu: int = 0, ipv6_off: bool = True) -> None:
         """A job's host end: IPv6 off (as `_up_without_ipv6`), then one batch: onto its bridge and up (and
         `mtu` if given), bridge port learning off. Its static FDB entry is a step of its own (ReplaceBridgeFdb)."""
         host = spec.host_ifname
-        _ipv6_off(host, self.nl.netns)
+        if ipv6_off:
+            _ipv6_off(host, self.nl.netns)
         idx = self.index(host)
         rawnl.send(self._raw, [rawnl.port_attach(host, idx, spec.bridge, self.index(spec.bridge), mtu),
                                rawnl.port_learning(host, idx, False)], self.nl.netns)

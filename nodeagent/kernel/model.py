@@ -14,7 +14,8 @@ class NetSettings:
     agent's network namespace in errors (default: its inode, net:[...]); neigh_watch: follow the neighbour
     tables of job namespaces through the kernel's notifications (neighwatch.py; False: a full reconcile
     dumps every job namespace's table); neigh_sweep: how many job namespaces a full reconcile dumps the
-    table of anyway, round robin, as a cross-check (observe.Sweep)."""
+    table of anyway, round robin, as a cross-check (observe.Sweep); spare_namespaces: job network namespaces
+    made ahead while idle (spares.py; 0: none)."""
 
     netns_dir: Path
     underlay_ifname: str
@@ -23,6 +24,7 @@ class NetSettings:
     label: str = ""
     neigh_watch: bool = True
     neigh_sweep: int = 1
+    spare_namespaces: int = 2
 
 
 @dataclass(frozen=True)

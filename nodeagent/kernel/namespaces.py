@@ -172,6 +172,23 @@ class Namespaces:
 
         return self._in_thread(work)
 
+    def move(self, src: Path, dst: Path) -> None:
+        """Pin the namespace of the file `src` at `dst` instead (a new file, bind-mounted; AlreadyExists if
+        `dst` exists), and remove `src`. On failure `src` is left as it was and `dst` is not there."""
+        try:
+            fd = os.open(dst, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
+        except OSError as e:
+            raise from_oserror("create netns file", str(dst), self.label, e) from e
+        os.close(fd)
+        try:
+            _check(_libc.mount(os.fsencode(src), os.fsencode(dst), None, ctypes.c_ulong(MS_BIND), None),
+                   "bind mount netns onto", str(dst), self.label)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(dst)
+            raise
+        self.remove(src)
+
     def remove(self, path: Path) -> None:
         """Unmount and unlink the namespace file; an already missing file or mount is fine. The namespace
         (and the veth in it) dies once no process or socket holds it any more."""

@@ -30,7 +30,7 @@ RTM_GETLINK, RTM_GETADDR, RTM_GETROUTE, RTM_GETNEIGH = 18, 22, 26, 30
 NLM_F_DUMP, NLM_F_DUMP_INTR = 0x300, 0x10
 DUMP_RETRIES = 5
 RECV_SIZE = 1 << 16
-RTM_NEWLINK, RTM_NEWADDR, RTM_NEWROUTE, RTM_NEWNEIGH, RTM_DELNEIGH = 16, 20, 24, 28, 29
+RTM_NEWLINK, RTM_DELLINK, RTM_NEWADDR, RTM_NEWROUTE, RTM_NEWNEIGH, RTM_DELNEIGH = 16, 17, 20, 24, 28, 29
 NLM_F_REQUEST, NLM_F_ACK, NLM_F_REPLACE, NLM_F_EXCL, NLM_F_CREATE, NLM_F_APPEND = 0x1, 0x4, 0x100, 0x200, 0x400, 0x800
 NLM_F_ACK_TLVS = 0x200  # in an ack: extended ack attributes follow
 NLMSGERR_ATTR_MSG = 1
@@ -88,6 +88,23 @@ def veth_here(ifname: str, index: int, mac: str, mtu: int, peer_ifname: str, pee
 
 def link_up(ifname: str, index: int) -> Request:
     return Request("set link up", ifname, RTM_NEWLINK, 0, _ifinfo(index, IFF_UP, IFF_UP))
+
+
+def link_delete(ifname: str, index: int) -> Request:
+    return Request("delete link", ifname, RTM_DELLINK, 0, _ifinfo(index))
+
+
+def link_rename(ifname: str, index: int, new_name: str) -> Request:
+    """Rename link `index` (it must be down)."""
+    return Request("rename link", f"{ifname} to {new_name}", RTM_NEWLINK, 0,
+                   _ifinfo(index) + _attr(IFLA_IFNAME, _str(new_name)))
+
+
+def link_set_up(ifname: str, index: int, mac: str, mtu: int) -> Request:
+    """Set link `index`'s MAC and MTU and bring it up (one request)."""
+    return Request("set link address, mtu, up", f"{ifname} address {mac} mtu {mtu}", RTM_NEWLINK, 0,
+                   _ifinfo(index, IFF_UP, IFF_UP) + _attr(IFLA_ADDRESS, _mac(mac)) + _attr(IFLA_MTU,
+                                                                                          struct.pack("=I", mtu)))
 
 
 def port_attach(ifname: str, index: int, master: str, master_index: int, mtu: int = 0) -> Request:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from nodeagent import names
 from nodeagent.desired import DesiredState
-from nodeagent.kernel.apply import ENTRY_STEPS, JOB_NEIGH_STEPS, Applier
+from nodeagent.kernel.apply import ENTRY_STEPS, JOB_NEIGH_STEPS, JOB_SYSCTLS, Applier
 from nodeagent.kernel.errors import DependencyFailed, KernelError, ReconcileError, StepFailed
 from nodeagent.kernel.model import NetSettings, Observed
 from nodeagent.kernel.namespaces import Namespaces
@@ -33,6 +33,7 @@ from nodeagent.kernel.neighwatch import watch_or_none
 from nodeagent.kernel.netlink import Netlink
 from nodeagent.kernel.observe import Sweep, job_netns_files, observe
 from nodeagent.kernel.plan import Wanted, advance, plan_wanted, update_wanted, wanted
+from nodeagent.kernel.spares import SparePool
 from nodeagent.kernel.steps import (
     AddFloodEntry,
     ConfigureJob,
@@ -113,7 +114,9 @@ class NetworkReconciler:
             self._ns.close()
             raise
         self._watch = watch_or_none(self._label) if settings.neigh_watch else None
-        self._applier = Applier(settings, self._nl, self._ns, self._watch)
+        self._spares = SparePool(settings.netns_dir, self._ns, settings.spare_namespaces, JOB_SYSCTLS)
+        self._spares.clean()  # those a killed agent left
+        self._applier = Applier(settings, self._nl, self._ns, self._watch, self._spares)
         self._closed = False
         self._model: Observed | None = None
         self._want: Wanted | None = None
@@ -129,11 +132,23 @@ class NetworkReconciler:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            self._spares.clean()
             self._applier.close()
             if self._watch is not None:
                 self._watch.close()
             self._nl.close()
             self._ns.close()
+
+    def refill_spares(self, limit: int | None = None) -> int:
+        """Make spare job network namespaces up to `NetSettings.spare_namespaces` (at most `limit` now); the
+        agent calls this when a pass is done. Returns how many were made."""
+        if os.stat("/proc/thread-self/ns/net").st_ino != self._netns_ino:
+            raise RuntimeError(f"refill_spares called from another network namespace than {self._label}")
+        return self._spares.refill(limit)
+
+    @property
+    def spares(self) -> SparePool:
+        return self._spares
 
     def observed(self) -> Observed:
         """A copy of the current model (observing the kernel if there is none)."""

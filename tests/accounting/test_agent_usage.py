@@ -68,6 +68,9 @@ class FakeNetwork:
     def job_netns_path(self, job_id: str) -> Path:
         return Path("/nonexistent/jnj-" + job_id)
 
+    def refill_spares(self, limit: int | None = None) -> int:
+        return 0
+
     def close(self) -> None: ...
 
 

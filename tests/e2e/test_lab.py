@@ -38,10 +38,12 @@ def _node_kernel_state(lab: Lab, node: str) -> dict[str, Any]:
     links = json.loads(lab.in_node(node, ["ip", "-j", "-d", "link", "show"]).stdout)
     fdb = json.loads(lab.in_node(node, ["bridge", "-j", "fdb", "show"]).stdout)
     neigh = json.loads(lab.in_node(node, ["ip", "-j", "neigh", "show"]).stdout)
-    ours = sorted(link["ifname"] for link in links if link["ifname"].startswith("jn") and link["ifname"] != "jnul0")
+    # (the agent's spare namespaces, jnp-* with their veths jnw*, are not state: made anew after a restart)
+    ours = sorted(name for name in (link["ifname"] for link in links)
+                  if name.startswith("jn") and name != "jnul0" and not name.startswith("jnw"))
     fdb_ours = sorted((e["mac"], e.get("dst", ""), e["ifname"]) for e in fdb if e.get("ifname", "").startswith("jnx"))
     neigh_ours = sorted((e["dst"], e.get("lladdr", ""), e["dev"]) for e in neigh if e.get("dev", "").startswith("jnx"))
-    nsfiles = sorted(p.name for p in (lab.node_dir(node) / "netns").iterdir())
+    nsfiles = sorted(p.name for p in (lab.node_dir(node) / "netns").iterdir() if not p.name.startswith("jnp-"))
     return {"links": ours, "fdb": fdb_ours, "neigh": neigh_ours, "netns": nsfiles}
 
 
