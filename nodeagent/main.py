@@ -76,6 +76,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--usage-interval", type=float, default=10.0, metavar="SECONDS",
                    help="network accounting: read every job's traffic counters and queue a usage report for the "
                    "controller every SECONDS (default: %(default)s); a job's final totals are always read at its end")
+    p.add_argument("--spare-netns", type=int, default=2, metavar="N",
+                   help="job network namespaces to keep made ahead (unshared, veth created) for the next jobs, "
+                   "refilled after each pass; 0: make each one when its job comes (default: %(default)s)")
     p.add_argument("--cgroup-parent", metavar="NAME", default="",
                    help="the cgroup (in every hierarchy) under which this agent's jobs get theirs; must start "
                    "with 'jn' (default: jn-<name>). Agents sharing one machine need distinct ones: an agent "
@@ -98,6 +101,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ipaddress.IPv4Address(args.underlay_ip)
     except ValueError:
         p.error(f"--underlay-ip {args.underlay_ip!r} is not an IPv4 address")
+    if not 0 <= args.spare_netns <= 64:
+        p.error(f"--spare-netns {args.spare_netns} is out of range 0..64")
     if not 0.1 <= args.usage_interval <= 3600:
         p.error(f"--usage-interval {args.usage_interval} is out of range 0.1..3600 seconds")
     if args.usage_spool_max < 100:
@@ -171,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         netns_dir=settings.netns_dir,
         underlay_ifname=settings.underlay_ifname,
         underlay_ip=settings.underlay_ip,
+        spare_namespaces=args.spare_netns,
     ))
     agent = Agent(settings, runtime, network, setup_failed=(SetupFailed,))
     if args.metrics_listen:
