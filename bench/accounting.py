@@ -35,7 +35,16 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench.overlay_throughput import HAND_NET, hand_mac, hand_vxlan, iperf, loadavg, remove_hand_vxlan, wait_reachable
+from bench.overlay_throughput import (
+    HAND_NET,
+    hand_mac,
+    hand_vxlan,
+    iperf,
+    iperf_many,
+    loadavg,
+    remove_hand_vxlan,
+    wait_reachable,
+)
 from deploy.lab import Lab
 from nodeagent.accounting import JobNet, NetAccounting, NetTotals, UsageSpool
 from nodeagent.accounting.nft import Nft, NftError
@@ -256,6 +265,42 @@ def throughput(acct: NetAccounting, label: str, jobs: dict[str, tuple[Path, str]
     return ratios
 
 
+def throughput_concurrent(acct: NetAccounting, pairs: list[dict[str, tuple[Path, str]]], ips: list[str],
+                          a: argparse.Namespace) -> list[float]:
+    """Two streams at the SAME time on two pairs of jobs on one bridge, one pair with the tables and one
+    without, the roles swapped every round. On 2 vCPUs the two streams compete for the same CPUs, so their
+    throughput ratio is the inverse of their CPU cost per byte, and load from other work hits both alike
+    (the sequential A/B above swings by +-20 % run to run). Two consecutive rounds (roles swapped) give one
+    ratio, their geometric mean, which also cancels any difference between the two pairs."""
+    for pair, ip in zip(pairs, ips, strict=True):
+        wait_reachable(str(pair["cli"][0]), ip)
+    print(f"\nconcurrent A/B, local: two jobs pairs on one bridge, one stream each at the same time, {a.seconds:g} s, "
+          f"{a.concurrent} rounds (roles swapped each round); loadavg {loadavg()}")
+    per_round: list[float] = []
+    ratios: list[float] = []
+    for r in range(a.concurrent):
+        on = r % 2
+        for i, pair in enumerate(pairs):
+            for netns, mac in pair.values():
+                set_rules(acct, netns, VARIANTS["on"](mac_prefix(mac)) if i == on else None)
+        res = iperf_many([(str(p["srv"][0]), str(p["cli"][0]), ip) for p, ip in zip(pairs, ips, strict=True)],
+                         a.seconds)
+        per_round.append(res[on]["gbps"] / res[1 - on]["gbps"])
+        print(f"  round {r + 1:2}/{a.concurrent}: pair {on + 1} on {res[on]['gbps']:6.2f}, pair {2 - on} off "
+              f"{res[1 - on]['gbps']:6.2f} Gbit/s, on/off {per_round[-1]:.3f}; loadavg {loadavg()}")
+        if r % 2 == 1:
+            ratios.append((per_round[-1] * per_round[-2]) ** 0.5)
+    for pair in pairs:
+        for netns, _ in pair.values():
+            set_rules(acct, netns, None)
+    if ratios:
+        m = statistics.median(ratios)
+        print(f"  concurrent on / off (geometric mean of each swapped pair of rounds): {spread(ratios)}")
+        print(f"  accounting on / off, concurrent, median of {len(ratios)} = {m:.3f}   target >= 0.98   "
+              f"{'PASS' if m >= 0.98 else 'MISS'}")
+    return ratios
+
+
 def throughput_overlay(acct: NetAccounting, prefix: str, a: argparse.Namespace) -> dict[str, list[float]]:
     """Two "nodes" (the lab's underlay, no controller or agents) and the hand-built VXLAN data path."""
     lab = Lab(name=f"{prefix}o", nodes=2, dir=Path(f"/run/jobnet/bench-{prefix}o"))
@@ -279,6 +324,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=3.0, help="iperf3 -t of every run")
     ap.add_argument("--variants", default="on", help=f"comma-separated, of {', '.join(VARIANTS)}, or all")
     ap.add_argument("--no-overlay", dest="overlay", action="store_false", help="the local path only")
+    ap.add_argument("--concurrent", type=int, default=0, metavar="ROUNDS",
+                    help="also the concurrent A/B on the local path: ROUNDS rounds (even; 0: none)")
     ap.add_argument("--local", dest="local", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--no-offload", action="store_true", help="TSO/GSO/GRO off on both jobs' eth0")
     ap.add_argument("--profile", action="store_true",
@@ -379,12 +426,18 @@ def main() -> None:
               f"{statistics.median(acks):.2f} ms")
 
         # 5. the packet path: iperf3 between two jobs with the tables and without, A/B in the same run
-        if a.pairs or a.profile:
+        if a.pairs or a.profile:  # (sequential A/B)
             jobs_local = {"srv": (NETNS / names[1], macs[names[1]]), "cli": (NETNS / names[0], macs[names[0]])}
-            if a.local:
+            if a.local and a.pairs:
                 throughput(acct, "local (two jobs on one bridge)", jobs_local, "10.252.0.2", a)
-            if a.overlay:
+            if a.overlay and a.pairs:
                 throughput_overlay(acct, prefix, a)
+        if a.concurrent:
+            if a.jobs < 4:
+                ap.error("--concurrent needs --jobs >= 4")
+            pairs = [{"srv": (NETNS / names[2 * k + 1], macs[names[2 * k + 1]]),
+                      "cli": (NETNS / names[2 * k], macs[names[2 * k]])} for k in (0, 1)]
+            throughput_concurrent(acct, pairs, ["10.252.0.2", "10.252.0.4"], a)
     finally:
         for n in reversed(made):
             with contextlib.suppress(OSError):
