@@ -118,6 +118,17 @@ class AgentCollector(Collector):
         errs = CounterMetricFamily("jobnet_agent_errors", "Unexpected errors in the agent's loops.")
         errs.add_metric([], st.get("errors", 0))
         yield errs
+        spares = getattr(a.network, "spares", None)  # (the kernel layer's SparePool; absent in test doubles)
+        if spares is not None:
+            how = CounterMetricFamily("jobnet_agent_job_networks", "Job networks made, by how: from a spare "
+                                      "namespace made ahead (--spare-netns) or anew because none was ready.",
+                                      labels=["how"])
+            how.add_metric(["spare"], spares.taken)
+            how.add_metric(["anew"], spares.missed)
+            yield how
+            ready = GaugeMetricFamily("jobnet_agent_spare_netns_ready", "Spare job network namespaces ready.")
+            ready.add_metric([], len(spares))
+            yield ready
         for name, value in (("desired", a.desired.revision), ("applied", a.applied_revision)):
             g = GaugeMetricFamily(f"jobnet_agent_{name}_revision", f"The {name} desired-state revision.")
             g.add_metric([], value)

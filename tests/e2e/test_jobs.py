@@ -199,4 +199,12 @@ def test_agent_metrics_parse_and_agree_with_the_api(lab: Lab, grp: str) -> None:
     assert len(launched) >= 1
     assert m[("jobnet_agent_outbox_records", ())] >= 0 and m[("jobnet_agent_usage_spool_alarm", ())] == 0
     assert m[("jobnet_agent_desired_revision", ())] >= m[("jobnet_agent_applied_revision", ())] > 0
+    # every job network on n2 was made from a spare namespace or anew; the agent keeps its 2 spares ready
+    made = m[("jobnet_agent_job_networks_total", (("how", "spare"),))] + m[
+        ("jobnet_agent_job_networks_total", (("how", "anew"),))]
+    assert len(launched) <= made <= len(all_n2) and m[("jobnet_agent_job_networks_total", (("how", "spare"),))] >= 1
+    deadline = time.monotonic() + 10  # (refilled after the pass that started the job: maybe just after)
+    while scrape_agent(lab, "n2")[("jobnet_agent_spare_netns_ready", ())] != 2:
+        assert time.monotonic() < deadline, "the agent did not refill its 2 spare namespaces"
+        time.sleep(0.2)
     lab.cli("job", "stop", jid)
