@@ -16,6 +16,8 @@ Metrics:
   jobnet_agent_usage_spool_records, ..._alarm                durable usage reports not yet acknowledged
   jobnet_agent_outbox_records                                job status reports not yet acknowledged
   jobnet_agent_reconciles_total{kind}, jobnet_agent_reconcile_steps_total, jobnet_agent_errors_total
+  jobnet_agent_job_networks_total{how}                       made from a spare namespace / anew (none ready)
+  jobnet_agent_spare_netns_ready                             spare job namespaces ready (--spare-netns)
   jobnet_agent_desired_revision, jobnet_agent_applied_revision
 """
 
