@@ -116,9 +116,10 @@ class Wanted:
     neigh: dict[NeighKey, NeighEntry] = field(default_factory=dict)
     jobs: dict[str, JobNetSpec] = field(default_factory=dict)
     bridge_fdb: dict[BridgeFdbKey, BridgeFdbEntry] = field(default_factory=dict)  # each local job's MAC
-    # The local jobs (with a network) of each MAC on each bridge: one, unless the controller gave two jobs of a
-    # group on this node one MAC; then the smallest job id gets the entry (the other is unreachable).
-    bridge_claims: dict[BridgeFdbKey, set[str]] = field(default_factory=dict)
+    # Who claims each MAC on each bridge, "0<job id>" (a local job, on its veth) or "1<job id>" (a remote
+    # endpoint, on the group's VXLAN device) -> the port. One, unless two jobs share a MAC (a job moving
+    # between nodes, or a controller bug); then the smallest claimant gets the entry: a local job first.
+    bridge_claims: dict[BridgeFdbKey, dict[str, str]] = field(default_factory=dict)
     veth_jobs: dict[str, str] = field(default_factory=dict)  # host veth name -> job id
     rejected: dict[str, str] = field(default_factory=dict)  # job id -> why it gets no network
     flood_refs: dict[FdbKey, int] = field(default_factory=dict)  # flood entry -> endpoints needing it
@@ -205,7 +206,7 @@ def _settle_bridge_fdb(w: Wanted, key: BridgeFdbKey) -> None:
     claims = w.bridge_claims.get(key)
     if claims:
         bridge, mac = key
-        w.bridge_fdb[key] = BridgeFdbEntry(bridge, mac, w.jobs[min(claims)].host_ifname)
+        w.bridge_fdb[key] = BridgeFdbEntry(bridge, mac, claims[min(claims)])
     else:
         w.bridge_claims.pop(key, None)
         w.bridge_fdb.pop(key, None)
@@ -228,7 +229,7 @@ def _add_job(w: Wanted, job: LocalJob, desired: DesiredState, keys: Keys | None)
         w.job_ip[job.id] = ipaddress.IPv4Address(job.ip).packed
     _claim(w, group.name, "0" + job.id, job.ip, spec.mac, keys)
     bkey = (spec.bridge, spec.mac)
-    w.bridge_claims.setdefault(bkey, set()).add(job.id)
+    w.bridge_claims.setdefault(bkey, {})["0" + job.id] = spec.host_ifname
     _settle_bridge_fdb(w, bkey)
     if keys is not None:
         keys.jobs.add(job.id)
@@ -249,7 +250,7 @@ def _remove_job(w: Wanted, job_id: str, keys: Keys) -> None:
         w.job_ip.pop(job_id, None)
         _unclaim(w, group, "0" + job_id, spec.ip, keys)
         bkey = (spec.bridge, spec.mac)
-        w.bridge_claims.get(bkey, set()).discard(job_id)
+        w.bridge_claims.get(bkey, {}).pop("0" + job_id, None)
         _settle_bridge_fdb(w, bkey)
         keys.bridge_fdb.add(bkey)
 
@@ -277,9 +278,15 @@ def _add_endpoint(w: Wanted, ep: RemoteEndpoint, desired: DesiredState, settings
     w.fdb[fk] = flood
     w.fdb[mk] = fdb
     w.neigh[nk] = neigh
+    # Its MAC static on the group bridge's VXLAN port: a frame for it is never flooded to the local jobs,
+    # even before it has sent anything (or after the bridge would have forgotten it).
+    bkey = (names.bridge(desired.groups[ep.group].vni), fdb.mac)
+    w.bridge_claims.setdefault(bkey, {})["1" + ep.job_id] = fdb.dev
+    _settle_bridge_fdb(w, bkey)
     if keys is not None:
         keys.fdb.update((fk, mk))
         keys.neigh.add(nk)
+        keys.bridge_fdb.add(bkey)
 
 
 def _remove_endpoint(w: Wanted, ep: RemoteEndpoint, prev: DesiredState, settings: NetSettings,
@@ -301,8 +308,12 @@ def _remove_endpoint(w: Wanted, ep: RemoteEndpoint, prev: DesiredState, settings
         del w.fdb[mk]
     if w.neigh.get(nk) == neigh:
         del w.neigh[nk]
+    bkey = (names.bridge(prev.groups[ep.group].vni), fdb.mac)
+    w.bridge_claims.get(bkey, {}).pop("1" + ep.job_id, None)
+    _settle_bridge_fdb(w, bkey)
     keys.fdb.update((fk, mk))
     keys.neigh.add(nk)
+    keys.bridge_fdb.add(bkey)
 
 
 def wanted(desired: DesiredState, settings: NetSettings) -> Wanted:
@@ -469,7 +480,8 @@ def _creates(want: Wanted, have: Observed, keys: Keys) -> list[Step]:
     # attached anew to its bridge has none in the model: `advance`).
     specs = [s.job for s in jobs if isinstance(s, (CreateJobNetwork, ConfigureJob, SetJobPort))]
     fresh_ports = {s.job.host_ifname for s in jobs if isinstance(s, CreateJobNetwork) or (
-        isinstance(s, ConfigureJob) and s.recreate_veth)}
+        isinstance(s, ConfigureJob) and s.recreate_veth)} | {s.ifname for s in vxlans if isinstance(s, CreateVxlan) or (
+        isinstance(s, SetLink) and have.links[s.ifname].master != s.master)}
     bridge_fdb: list[Step] = []
     for bkey in sorted(keys.bridge_fdb.union((spec.bridge, spec.mac) for spec in specs)):
         b = want.bridge_fdb.get(bkey)
@@ -626,6 +638,8 @@ def advance(model: Observed, step: Step, settings: NetSettings) -> None:
             model.links[ifname] = vxlan_link(ifname, vni, bridge, mtu, settings)
         case SetLink(ifname=ifname, mtu=mtu, master=master, up=up):
             if ifname in model.links:
+                if model.links[ifname].master != master:  # a port that leaves a bridge loses its entries there
+                    _drop_bridge_fdb(model, ifname)
                 model.links[ifname] = replace(model.links[ifname], mtu=mtu, master=master, up=up)
         case AddFloodEntry(dev=dev, dst=dst):
             e = FdbEntry(dev, ZERO_MAC, dst)

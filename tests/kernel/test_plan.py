@@ -292,7 +292,7 @@ def test_a_peer_that_comes_or_goes_costs_one_entry_per_job_of_its_group() -> Non
     gone = [jn(j.id, ep(1, 2), "delete") for j in [*jobs, job(n)]]
     assert sorted(map(repr, others(steps))) == sorted(repr(s) for s in [
         DeleteFdb("jnx100", "00:00:00:00:00:00", "198.18.0.2"), DeleteFdb("jnx100", ep(1, 2).mac, "198.18.0.2"),
-        DeleteNeigh("jnx100", ep(1, 2).ip, ep(1, 2).mac)])
+        DeleteNeigh("jnx100", ep(1, 2).ip, ep(1, 2).mac), DeleteBridgeFdb("jnb100", "jnx100", ep(1, 2).mac)])
     assert sorted(jentries(steps)) == sorted(gone) and sum(isinstance(s, WithdrawJobNeigh) for s in steps) == 1
 
 
@@ -358,23 +358,26 @@ def test_every_local_job_gets_a_static_bridge_fdb_entry_on_its_port_which_dies_w
     model = Observed()
     steps = converge(d, model)
     got = [s for s in steps if isinstance(s, ReplaceBridgeFdb)]
-    want = (bfdb(job(1)), bfdb(job(2)), bfdb(job(3, GB), GB))
-    assert got == [ReplaceBridgeFdb(b.bridge, b.port, b.mac) for b in want]
+    # the local jobs' on their ports, and the remote endpoints' on their group's VXLAN port
+    remote = (BridgeFdbEntry("jnb100", ep(1, 2).mac, "jnx100"), BridgeFdbEntry("jnb200", ep(2, 3, GB).mac, "jnx200"))
+    want = (bfdb(job(1)), bfdb(job(2)), bfdb(job(3, GB), GB), *remote)
+    assert sorted(got, key=repr) == sorted((ReplaceBridgeFdb(b.bridge, b.port, b.mac) for b in want), key=repr)
     kinds = [type(s) for s in steps]
     # after the job networks (the ports), before the job namespaces' neighbour entries; in one run (one batch)
     first = kinds.index(ReplaceBridgeFdb)
     assert max(i for i, k in enumerate(kinds) if k is CreateJobNetwork) < first
-    assert kinds[first:first + 3] == [ReplaceBridgeFdb] * 3 and kinds.index(ReplaceJobNeigh) == first + 3
+    assert kinds[first:first + 5] == [ReplaceBridgeFdb] * 5 and kinds.index(ReplaceJobNeigh) == first + 5
     assert model.bridge_fdb == {(b.bridge, b.mac): b for b in want}
     assert all(model.links[f"jnv{j.id}"].learning is False for j in (job(1), job(2), job(3, GB)))
     assert plan(d, model, S) == []
     # A job goes: its entry goes with its veth (no step); the model agrees.
     steps = converge(state([GA, GB], [job(1), job(3, GB)], [ep(1, 2), ep(2, 3, GB)]), model)
     assert not any(isinstance(s, (DeleteBridgeFdb, ReplaceBridgeFdb)) for s in steps)
-    assert set(model.bridge_fdb) == {("jnb100", job(1).mac), ("jnb200", job(3, GB).mac)}
+    assert set(model.bridge_fdb) == {("jnb100", job(1).mac), ("jnb200", job(3, GB).mac), ("jnb100", ep(1, 2).mac),
+                                     ("jnb200", ep(2, 3, GB).mac)}
     # A group goes: so do its bridge and every entry on it.
     converge(state([GB], [job(3, GB)], [ep(2, 3, GB)]), model)
-    assert set(model.bridge_fdb) == {("jnb200", job(3, GB).mac)}
+    assert set(model.bridge_fdb) == {("jnb200", job(3, GB).mac), ("jnb200", ep(2, 3, GB).mac)}
 
 
 def test_bridge_fdb_drift_is_repaired_and_strangers_removed() -> None:

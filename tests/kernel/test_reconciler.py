@@ -90,8 +90,14 @@ def bridge_static(node: Node, bridge: str) -> dict[str, tuple[str, bool]]:
 
 
 def local_static(w: World, node: Node, group: str) -> dict[str, tuple[str, bool]]:
-    """What a group's bridge on `node` should hold: each local job's MAC on its port, sticky."""
-    return {job.mac: (f"jnv{job.id}", True) for g, job in node.jobs.values() if g == group}
+    """What a group's bridge on `node` should hold: each local job's MAC on its port, and each remote job's
+    on the group's VXLAN port, sticky."""
+    vx = f"jnx{w.groups[group].vni}"
+    remote = {job.mac: (vx, True) for other in w.nodes.values() if other is not node
+              for g, job in other.jobs.values() if g == group}
+    if not any(g == group for g, _ in node.jobs.values()):
+        return {}  # (no bridge of the group on this node)
+    return {**remote, **{job.mac: (f"jnv{job.id}", True) for g, job in node.jobs.values() if g == group}}
 
 
 def learning(node: Node, ifname: str) -> bool:
@@ -184,7 +190,7 @@ def test_two_nodes_converge_with_the_right_devices_entries_and_job_networks(worl
                 assert bridge_static(node, f"jnb{group.vni}") == local_static(world, node, group.name)
                 assert learning(node, f"jnx{group.vni}") is True
     assert bridge_static(n2, "jnb100") == {j["a2"].mac: (f"jnv{j['a2'].id}", True),
-                                           j["a3"].mac: (f"jnv{j['a3'].id}", True)}
+                                           j["a3"].mac: (f"jnv{j['a3'].id}", True), j["a1"].mac: ("jnx100", True)}
 
     # Every job has a permanent neighbour entry for every other job of its group: local (a2 <-> a3 on n2)
     # and remote ones; c1 is alone in its group.
@@ -308,12 +314,13 @@ def test_failed_step_is_reported_with_its_object_and_retried(world: World) -> No
     # the steps that do not depend on the vxlan device were applied; those that do were not attempted
     assert any(type(s).__name__ == "CreateJobNetwork" for s in info.value.applied)
     assert {type(f.step).__name__ for f in info.value.failures} == {"CreateVxlan", "AddFloodEntry", "ReplaceFdb",
-                                                                   "ReplaceNeigh"}
+                                                                   "ReplaceNeigh", "ReplaceBridgeFdb"}
     assert all(isinstance(f.cause, DependencyFailed) for f in info.value.failures if f is not failure)
     # The underlay appears (renamed): the next reconcile observes anew and finishes the job.
     sh("ip", "-n", n1.netns, "link", "set", "jnt-u1", "name", "jnt-missing")
     steps = n1.reconcile(world.desired("n1"))
-    assert [type(s).__name__ for s in steps] == ["CreateVxlan", "AddFloodEntry", "ReplaceFdb", "ReplaceNeigh"]
+    assert [type(s).__name__ for s in steps] == ["CreateVxlan", "AddFloodEntry", "ReplaceFdb", "ReplaceNeigh",
+                                                 "ReplaceBridgeFdb"]  # (the remote job's MAC on the VXLAN port)
     assert n1.reconcile(world.desired("n1"), full=True) == []
 
 
@@ -383,7 +390,8 @@ def test_a_malformed_entry_fails_alone(world: World) -> None:
     desired = dc_replace(desired, endpoints={**desired.endpoints, bad.job_id: bad})
     with pytest.raises(ReconcileError) as info:
         n1.reconcile(desired)
-    assert sorted(type(f.step).__name__ for f in info.value.failures) == ["ReplaceFdb", "ReplaceNeigh"]
+    assert sorted(type(f.step).__name__ for f in info.value.failures) == ["ReplaceBridgeFdb", "ReplaceFdb",
+                                                                          "ReplaceNeigh"]
     assert all(isinstance(f.cause, InvalidArgument) and bad.mac in str(f.cause) for f in info.value.failures)
     assert (j["a3"].mac, "198.18.0.2") in fdb(n1, "jnx100")  # the rest of the batch went in
 
@@ -733,7 +741,7 @@ def test_static_bridge_fdb_entries_follow_local_jobs_and_are_repaired(world: Wor
     n1, n2 = world.nodes["n1"], world.nodes["n2"]
     a1, a4, a5 = j["a1"], world.add_job("n1", "a", 4), world.add_job("n1", "a", 5)
     world.reconcile_all()
-    assert bridge_static(n1, "jnb100") == local_static(world, n1, "a") and len(local_static(world, n1, "a")) == 3
+    assert bridge_static(n1, "jnb100") == local_static(world, n1, "a") and len(local_static(world, n1, "a")) == 5
 
     def port(job: Any) -> str:
         return f"jnv{job.id}"
@@ -767,7 +775,8 @@ def test_static_bridge_fdb_entries_follow_local_jobs_and_are_repaired(world: Wor
     sh("ip", "-n", n1.netns, "link", "set", port(a5), "type", "bridge_slave", "learning", "on")
     assert bridge_static(n1, "jnb100") == {a5.mac: (port(a4), True), a1.mac: (port(a1), False),
                                            "02:00:00:00:ee:01": (port(a4), False),
-                                           "02:00:00:00:ee:02": ("jnx100", False)}
+                                           "02:00:00:00:ee:02": ("jnx100", False),
+                                           j["a2"].mac: ("jnx100", True), j["a3"].mac: ("jnx100", True)}
     assert learning(n1, port(a5)) is True
     assert bridge_static(n1, "jnb300") == {}
 
@@ -829,11 +838,33 @@ def test_a_frame_for_a_silent_local_job_is_not_flooded(world: World) -> None:
     assert ping3() == {"b rx": 3, **nothing_else}  # b has answered since: still only its static entry counts
 
     # Control: b's entry deleted by hand. Its port learns nothing, so every frame for b is flooded: to c, and
-    # once per other node of the group through the VXLAN device, whose bridge floods it to a2 and a3.
+    # once per other node of the group through the VXLAN device. There it stops: n2's bridge holds b's MAC
+    # static on its own VXLAN port (b is a remote job to n2), where the frame came from.
     sh("bridge", "-n", n1.netns, "fdb", "del", b.mac, "dev", f"jnv{b.id}", "master")
-    assert ping3() == {"b rx": 3, "c rx": 3, "jnx100 tx": 3, "a2 rx": 3, "a3 rx": 3}
+    assert ping3() == {"b rx": 3, "c rx": 3, "jnx100 tx": 3, "a2 rx": 0, "a3 rx": 0}
     assert n1.reconcile(world.desired("n1"), full=True) == [ReplaceBridgeFdb("jnb100", f"jnv{b.id}", b.mac)]
     assert ping3() == {"b rx": 3, **nothing_else}
+
+    # The same for a silent REMOTE job d (on n2): its MAC is static on n1's VXLAN port, so a frame for it
+    # goes through the tunnel only, never to n1's other jobs; on n2 to d only.
+    d = world.add_job("n2", "a", 6)
+    world.reconcile_all()
+    assert tx_packets(n2, d.id) == 0
+
+    def ping_d() -> dict[str, int]:
+        before = {"c rx": rx_packets(n1, c.id), "b rx": rx_packets(n1, b.id), "d rx": rx_packets(n2, d.id),
+                  "a2 rx": rx_packets(n2, a2.id)}
+        res = n1.in_job(a1.id, "ping", "-n", "-c3", "-i0.2", "-W1", "-q", d.ip)
+        assert res.returncode == 0 and " 0% packet loss" in res.stdout, res.stdout
+        return {k: v - before[k] for k, v in {"c rx": rx_packets(n1, c.id), "b rx": rx_packets(n1, b.id),
+                                              "d rx": rx_packets(n2, d.id), "a2 rx": rx_packets(n2, a2.id)}.items()}
+
+    assert ping_d() == {"c rx": 0, "b rx": 0, "d rx": 3, "a2 rx": 0}
+    # Control: d's entry on n1's VXLAN port deleted by hand, and what the bridge learned from d's replies
+    # flushed: the next frame for d is flooded to n1's jobs too.
+    sh("bridge", "-n", n1.netns, "fdb", "del", d.mac, "dev", "jnx100", "master")
+    assert ping_d()["c rx"] >= 1
+    assert n1.reconcile(world.desired("n1"), full=True) == [ReplaceBridgeFdb("jnb100", "jnx100", d.mac)]
 
 
 def test_a_node_made_before_static_entries_is_brought_up_to_date_without_touching_the_jobs(world: World) -> None:
@@ -846,7 +877,8 @@ def test_a_node_made_before_static_entries_is_brought_up_to_date_without_touchin
     for _, job in n1.jobs.values():
         sh("bridge", "-n", n1.netns, "fdb", "del", job.mac, "dev", f"jnv{job.id}", "master")
         sh("ip", "-n", n1.netns, "link", "set", f"jnv{job.id}", "type", "bridge_slave", "learning", "on")
-    assert all(bridge_static(n1, f"jnb{g.vni}") == {} for g in world.groups.values())
+    assert all(not [p for p, _ in bridge_static(n1, f"jnb{g.vni}").values() if p.startswith("jnv")]
+               for g in world.groups.values())
     n1.stop()
     n1.start()
     steps = n1.reconcile(world.desired("n1"), full=True)

@@ -141,7 +141,7 @@ def test_the_200th_job_of_a_group_costs_o_n_and_a_full_noop_reconcile_stays_chea
     print(f"  of which the node's namespace (links, FDB and neighbour dumps): {node_cost(n1)}")
     model = n1.call(rec.observed)
     assert sum(map(len, model.job_neigh.values())) == total
-    assert len(model.bridge_fdb) == n  # every local job's MAC, static on its port
+    assert len(model.bridge_fdb) == n + endpoints  # local MACs static on their ports, remote ones on the VXLAN port
 
     # A restarted reconciler reads every table whole once (then follows the notifications).
     n1.stop()
