@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import ipaddress
 import logging
 import os
@@ -157,6 +158,12 @@ async def serve(a: argparse.Namespace) -> int:
                                                   keep_s=a.usage_retention, interval_s=a.usage_retention_interval),
                       commit_interval_s=a.usage_commit_ms / 1000)
     await acct.start()
+    await acct.evict()  # jobs purged from the state before: their accounting totals stay in the store only
+    # The loaded state (every job, its accounting totals) lives as long as the process: out of the garbage
+    # collector's sight, so that collections triggered by ingest's short-lived objects do not scan it each time
+    # (~2-3 us per usage report at 100,000 jobs otherwise).
+    gc.collect()
+    gc.freeze()
     metrics.EXTRA.append(lambda _core: metrics.accounting_metrics(acct))
     service = ControllerService(core, acct)
     server = grpc.aio.server(options=[("grpc.keepalive_permit_without_calls", 1),
@@ -194,8 +201,8 @@ async def serve(a: argparse.Namespace) -> int:
             ticks += 1
             try:
                 core.check_lost()
-                if ticks % 60 == 0:
-                    core.purge_finished()
+                if ticks % 60 == 0 and core.purge_finished():
+                    await acct.evict()  # their accounting totals leave memory (they stay in the store)
             except Exception:
                 log.exception("periodic check failed")
 
