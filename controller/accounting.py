@@ -55,6 +55,7 @@ import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from operator import ge
 from typing import TYPE_CHECKING, Any, Protocol
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -304,7 +305,7 @@ class Stats:
 
 class Accounting:
     def __init__(self, core: Controller, store: AccountingStore, retention: Retention | None = None,
-                 commit_interval_s: float = 0.025, max_batch_rows: int = 5000, checkpoint_s: float = 120.0,
+                 commit_interval_s: float = 0.05, max_batch_rows: int = 5000, checkpoint_s: float = 120.0,
                  readers: int = 2) -> None:
         self.core = core
         self.store = store
@@ -470,8 +471,7 @@ class Accounting:
                 t = now
             if t <= st.last_t:
                 t = st.last_t + 1
-            old = st.counters
-            if min(map(operator.sub, cs, old)) < 0:
+            if not all(map(ge, cs, st.counters)):
                 cs = self._backwards(st, seq, cs)
             if not st.seq:
                 st.first_t = t

@@ -105,9 +105,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       "(default: 30d)")
     acct.add_argument("--usage-retention-interval", type=duration, default=300.0, metavar="DURATION",
                       help="how often thinning and deletion run (default: 5m)")
-    acct.add_argument("--usage-commit-ms", type=float, default=25.0, metavar="MS",
+    acct.add_argument("--usage-commit-ms", type=float, default=50.0, metavar="MS",
                       help="group commit: reports are written together at most this often; an agent's report "
-                      "is acknowledged once on disk (default: %(default)g)")
+                      "is acknowledged once on disk (default: %(default)g; each commit is an fsync, so "
+                      "a shorter interval costs more CPU at a high report rate: bench/README.md)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     a = p.parse_args(argv)
     try:
