@@ -219,6 +219,10 @@ class AccountingStore(Protocol):
         """Jobs marked gone with traffic within (start, end] (first_t <= end, last_t > start), filtered."""
         ...
 
+    def gone_sums(self) -> dict[str, Counters]:
+        """The counters of the jobs marked gone, summed per group."""
+        ...
+
     def value_at(self, node_ix: int, job_int: int, t_ms: int, lo_ms: int) -> Counters | None:
         """The job's counters at its last sample with t <= t_ms (it has none before lo_ms); None: no sample."""
         ...
@@ -317,6 +321,7 @@ class Accounting:
         self.jobs: dict[str, JobUsage] = {}
         self.node_ix: dict[str, int] = {}
         self._evicting: list[JobUsage] = []  # being marked gone in the store: still answered from memory
+        self.gone_by_group: dict[str, list[int]] = {}  # totals of the jobs marked gone, per group (metrics)
         # Totals checkpoint: rows of jobs reported since the current cycle began (`_dirty`), the snapshot being
         # written in slices (`_cycle`), and the oldest sample time since the previous / current cycle began.
         self._dirty: dict[str, SampleRow] = {}
@@ -344,6 +349,7 @@ class Accounting:
         stored totals are behind start the next checkpoint cycle."""
         self.node_ix, jobs, behind, replay_from = self.store.recover()
         self.jobs = {j.job_id: j for j in jobs}
+        self.gone_by_group = {g: list(c) for g, c in self.store.gone_sums().items()}
         self._dirty = {}
         self._cycle = sorted(sample_row(self.jobs[jid]) for jid in behind)
         self._slice = max(100, math.ceil(len(self._cycle) / 100))
@@ -659,11 +665,18 @@ class Accounting:
             for j in out:  # not marked: keep them in memory
                 self.jobs.setdefault(j.job_id, j)
             raise
+        else:
+            for j in out:
+                add_into(self.gone_by_group.setdefault(j.group, [0] * len(COUNTERS)), j.counters)
         finally:
             gone = {id(j) for j in out}
             self._evicting = [j for j in self._evicting if id(j) not in gone]
         log.info("accounting: %d purged job(s) no longer kept in memory (their totals stay in the store)", len(out))
         return len(out)
+
+    def evicting(self) -> list[JobUsage]:
+        """Jobs out of `jobs` whose gone mark is being written (still counted from memory)."""
+        return list(self._evicting)
 
     # ---------------------------------------------------------------- job records
 

@@ -426,6 +426,13 @@ class SqliteAccountingStore:
             db.execute("ROLLBACK")
             raise
 
+    def gone_sums(self) -> dict[str, Counters]:
+        """The counters of the jobs marked gone, summed per group."""
+        db = self._reader()
+        sums = ", ".join(f"sum({c})" for c in COUNTERS)
+        return {row[0]: tuple(row[1:]) for row in db.execute(
+            f"SELECT job_group, {sums} FROM totals WHERE gone = 1 GROUP BY job_group")}
+
     def gone_jobs(self, job_id: str = "", group: str = "", node: str = "", user: str = "",
                   start: int | None = None, end: int | None = None) -> list[JobUsage]:
         """Jobs marked gone with traffic within (start, end] (first_t <= end, last_t > start), filtered."""

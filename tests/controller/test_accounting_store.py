@@ -14,6 +14,7 @@ import pytest
 from controller.accounting import BUCKET_MS, COUNTERS, Accounting, JobUsage, WriteBatch, sample_row, totals_row
 from controller.accounting_sqlite import HOUR_MS, SqliteAccountingStore
 from controller.core import Config, Controller
+from controller.metrics import accounting_metrics
 from controller.store import MemoryStore
 from protos.jobnet.v1 import jobnet_pb2 as pb
 
@@ -186,6 +187,11 @@ def report(job: str, seq: int, t_ms: int, v: int, final: bool = False) -> pb.Job
     return r
 
 
+def metric_values(acct: Accounting) -> dict[tuple[str, ...], float]:
+    return {(m.name, *s.labels.values()): s.value for m in accounting_metrics(acct) if m.name.startswith("jobnet_net")
+            for s in m.samples}
+
+
 def test_purged_jobs_leave_memory_and_queries_still_count_them(tmp_path: Path) -> None:
     clock = [time.time()]
     core = Controller(MemoryStore(), Config(job_retention_s=86400, clock=lambda: clock[0]))
@@ -220,12 +226,14 @@ def test_purged_jobs_leave_memory_and_queries_still_count_them(tmp_path: Path) -
             late.start.FromMilliseconds(t0 + 400_000)  # after the purged job's last report
             queries.append(late)
             before = [await acct.query(q) for q in queries]
+            metrics_before = metric_values(acct)
             assert before[-1].rows[0].total_bytes < before[12].rows[0].total_bytes
 
             clock[0] += 2 * 86400
             assert core.purge_finished() == 1 and old.id not in core.c.jobs
             assert await acct.evict() == 1
             assert old.id not in acct.jobs and keep.id in acct.jobs
+            assert metric_values(acct) == metrics_before, "the per-group counters do not go down"
             for q, want in zip(queries, before, strict=True):
                 got = await acct.query(q)
                 want.end.CopyFrom(got.end)
@@ -237,6 +245,7 @@ def test_purged_jobs_leave_memory_and_queries_still_count_them(tmp_path: Path) -
         await acct.start()
         try:
             assert old.id not in acct.jobs
+            assert metric_values(acct) == metrics_before, "nor after a restart"
             got = await acct.query(pb.QueryUsageRequest(job_id=old.id))
             assert got.rows[0].key == old.id and got.rows[0].net.tx.local.bytes == 5
             with pytest.raises(Exception, match="no job"):
