@@ -2,7 +2,8 @@
 controller process (issue 4).
 
     python -m bench.accounting_ingest [--agents 1000] [--jobs 100] [--interval 10] [--split 1] [--duration 60]
-                                      [--warmup 15] [--procs 2] [--commit-ms 25] [--baseline] [--state-cache DIR]
+                                      [--warmup 15] [--procs 2] [--commit-ms 50] [--nested] [--baseline]
+                                      [--state-cache DIR]
 
 Set-up (not measured): the controller's state file is filled offline through the controller's own code
 (`Controller.register_node` / `create_group` / `create_job` on a SqliteStore, fsync off while filling): one node
@@ -11,7 +12,8 @@ starts on a unix socket with that state (and --node-timeout-seconds large: no he
 not what is measured).
 
 Load: `--procs` client processes share the agents; each agent sends one ReportUsage with its M jobs' cumulative
-counters (all 12 growing, per-job seq, sample time) every `--interval` seconds, agents evenly spread over the
+counters (all 12 growing, packed in JobUsageReport.counters as current agents send them; `--nested`: in `net`, as
+agents before it did; per-job seq, sample time) every `--interval` seconds, agents evenly spread over the
 interval, each waiting for its acknowledgement (which means durable: group commit). After `--warmup` seconds,
 `--duration` seconds are measured: reports acknowledged per second, RPC latency, and the controller's CPU from
 /proc/<pid>/stat (utime + stime over all its threads) against wall time. At the end the controller's total
@@ -104,7 +106,8 @@ async def _serve_stub(address: str) -> None:
 
 
 def compact(adb: Path) -> None:
-    """Retention's cost: thin every raw sample of the run (cut = now) through the store, one bucket a call."""
+    """Retention's cost: thin every raw sample of the run through the store (a cut after the current hour: every
+    hourly table), a chunk per call, each table dropped after its last chunk."""
     from controller.accounting_sqlite import SqliteAccountingStore
 
     store = SqliteAccountingStore(adb)
@@ -112,7 +115,7 @@ def compact(adb: Path) -> None:
         raw0, _ = store.sample_count()
         t0, c0 = time.monotonic(), time.process_time()
         calls = 0
-        while store.compact(int(time.time() * 1000), 300_000):
+        while store.compact(int(time.time() * 1000) + 2 * 3_600_000, 300_000):
             calls += 1
         dt, dc = time.monotonic() - t0, time.process_time() - c0
         raw1, thinned = store.sample_count()
@@ -132,12 +135,12 @@ def cpu_seconds(pid: int) -> float:
 
 
 def client(address: str, agents: list[tuple[int, str, list[str]]], interval: float, split: int, t_begin: float,
-           t_measure: float, t_end: float, out: Any) -> None:
-    out.put(asyncio.run(_client(address, agents, interval, split, t_begin, t_measure, t_end)))
+           t_measure: float, t_end: float, packed: bool, out: Any) -> None:
+    out.put(asyncio.run(_client(address, agents, interval, split, t_begin, t_measure, t_end, packed)))
 
 
 async def _client(address: str, agents: list[tuple[int, str, list[str]]], interval: float, split: int,
-                  t_begin: float, t_measure: float, t_end: float) -> dict[str, Any]:
+                  t_begin: float, t_measure: float, t_end: float, packed: bool) -> dict[str, Any]:
     channel = grpc.aio.insecure_channel(address)
     stub = pbg.ControllerStub(channel)
     lat: list[float] = []
@@ -173,13 +176,16 @@ async def _client(address: str, agents: list[tuple[int, str, list[str]]], interv
                     c[i + 1] += i + 1          # packets
                 r.seq = seq
                 r.sampled.FromMilliseconds(now_ms)
-                n = r.net
-                n.tx.local.bytes, n.tx.local.packets = c[0], c[1]
-                n.tx.overlay.bytes, n.tx.overlay.packets = c[2], c[3]
-                n.tx.external.bytes, n.tx.external.packets = c[4], c[5]
-                n.rx.local.bytes, n.rx.local.packets = c[6], c[7]
-                n.rx.overlay.bytes, n.rx.overlay.packets = c[8], c[9]
-                n.rx.external.bytes, n.rx.external.packets = c[10], c[11]
+                if packed:  # the form an agent sends once the controller reads it
+                    r.counters[:] = c
+                else:
+                    n = r.net
+                    n.tx.local.bytes, n.tx.local.packets = c[0], c[1]
+                    n.tx.overlay.bytes, n.tx.overlay.packets = c[2], c[3]
+                    n.tx.external.bytes, n.tx.external.packets = c[4], c[5]
+                    n.rx.local.bytes, n.rx.local.packets = c[6], c[7]
+                    n.rx.overlay.bytes, n.rx.overlay.packets = c[8], c[9]
+                    n.rx.external.bytes, n.rx.external.packets = c[10], c[11]
             t0 = time.time()
             try:
                 resp = await stub.ReportUsage(req, timeout=30)
@@ -218,7 +224,8 @@ def run_load(a: argparse.Namespace, address: str, pid: int, layout: dict[str, li
     t_end = t_measure + a.duration
     ctx = mp.get_context("fork")
     q: Any = ctx.Queue()
-    workers = [ctx.Process(target=client, args=(address, share, a.interval, a.split, t_begin, t_measure, t_end, q))
+    workers = [ctx.Process(target=client, args=(address, share, a.interval, a.split, t_begin, t_measure, t_end,
+                                                 not a.nested, q))
                for share in shares]
     for w in workers:
         w.start()
@@ -262,7 +269,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", type=int, default=1, help="an agent sends its jobs in this many requests per "
                    "interval, spread over it (10: 1000 agents x 100 jobs = 1,000 RPCs/s of 10 reports)")
     p.add_argument("--procs", type=int, default=2, help="client processes")
-    p.add_argument("--commit-ms", type=float, default=25.0, help="the controller's --usage-commit-ms")
+    p.add_argument("--nested", action="store_true", help="send the counters in JobUsageReport.net (agents before "
+                   "the packed JobUsageReport.counters) instead of the packed form")
+    p.add_argument("--commit-ms", type=float, default=50.0, help="the controller's --usage-commit-ms (its default)")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
     p.add_argument("--state-cache", type=Path, metavar="DIR",
                    help="keep the filled state file here and reuse it when agents and jobs match (the set-up of "
@@ -302,6 +311,10 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 stub.kill()
                 stub.wait()
+        # The controller runs this tree's code (cwd and PYTHONPATH as here): say which.
+        where = subprocess.run([sys.executable, "-c", "import controller; print(controller.__file__)"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        print(f"controller code: {Path(where).parent}", flush=True)
         sock = tmp / "c.sock"
         with open(tmp / "controller.log", "wb") as log:
             proc = subprocess.Popen(

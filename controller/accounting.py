@@ -7,7 +7,8 @@ Two layers:
   * `Accounting`, the engine: the per-job state in memory (last seq, latest counters: dedupe and totals without
     touching the disk), ingest with group commit, queries, retention.
 
-Ingest (ReportUsage). Each report carries a job's counters, cumulative since the job started, with a per-job
+Ingest (ReportUsage). Each report carries a job's counters (packed in `counters`, or in `net` from agents that
+predate it), cumulative since the job started, with a per-job
 sequence number. A report whose job is not a job of the reporting node is dropped and counted as unknown (not an
 error: the agent must just not resend it); seq <= the stored one is a duplicate (a resend after a lost
 acknowledgement: harmless); a counter lower than the stored one under a higher seq is logged and the stored
@@ -21,7 +22,9 @@ thread, then wakes the handlers. An acknowledgement therefore means durable, and
 transactions a second, not one per report. Per report the hot path builds one row (the raw sample); the
 per-job totals are written at a job's first and final report and otherwise checkpointed in slices, every job at
 most once per `checkpoint_s`: the store keeps a "replay from" time in the same transactions, and after a crash
-the raw samples from there are replayed onto the totals. If a write fails, every handler waiting on it (and on the
+the raw samples from there are replayed onto the totals (120 s: at 10,000 reports/s a checkpoint row costs
+~13 us of writer time, so every 30 s cost ~4 us per report; the price is a replay of up to ~4 min of samples when
+the controller starts after a crash). If a write fails, every handler waiting on it (and on the
 batch behind it) gets UNAVAILABLE, the in-memory state is recovered from the store, and the agents' resends are
 taken as new.
 
@@ -33,8 +36,12 @@ per-step deltas (the steps sum to the row). The latest sample of every job is in
 
 Retention (a background task): samples older than `raw_s` are thinned to the last one of each `step_s` step
 (aligned to the epoch), which keeps every total and every window whose bounds fall on step boundaries exact;
-samples older than `keep_s` are deleted. Totals are kept forever. Windows reaching back past `keep_s` count from
-the oldest kept sample.
+the store thins whole hours (an hour once all of it is older than `raw_s`). Samples older than `keep_s` are
+deleted. Totals are kept forever. Windows reaching back past `keep_s` count from the oldest kept sample.
+
+Purged jobs (`evict`): a job purged from the controller's state (--job-retention-days) leaves this memory; its
+totals row is written and marked gone in the store, where queries still find it (by job id, and within every
+group/node/user/all query whose window reaches back to its traffic).
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from operator import ge
 from typing import TYPE_CHECKING, Any, Protocol
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -201,6 +209,20 @@ class AccountingStore(Protocol):
         """Delete samples older than before_ms (raw ones of every job, thinned ones of these jobs)."""
         ...
 
+    def gone(self, rows: Sequence[tuple[Any, ...]]) -> None:
+        """Write these totals rows (totals_row()) and mark their jobs gone: purged from the controller's state,
+        no longer loaded by `recover` (writer thread)."""
+        ...
+
+    def gone_jobs(self, job_id: str = "", group: str = "", node: str = "", user: str = "",
+                  start: int | None = None, end: int | None = None) -> list[JobUsage]:
+        """Jobs marked gone with traffic within (start, end] (first_t <= end, last_t > start), filtered."""
+        ...
+
+    def gone_sums(self) -> dict[str, Counters]:
+        """The counters of the jobs marked gone, summed per group."""
+        ...
+
     def value_at(self, node_ix: int, job_int: int, t_ms: int, lo_ms: int) -> Counters | None:
         """The job's counters at its last sample with t <= t_ms (it has none before lo_ms); None: no sample."""
         ...
@@ -265,6 +287,8 @@ class _Plan:
     end: int
     step: int
     jobs: list[_QueryJob]
+    gone: tuple[str, str, str] | None = None     # also the store's gone jobs with these group, node, user filters
+    skip: set[str] = field(default_factory=set)  # ... except these (in `jobs` already: being evicted)
 
 
 @dataclass
@@ -285,7 +309,7 @@ class Stats:
 
 class Accounting:
     def __init__(self, core: Controller, store: AccountingStore, retention: Retention | None = None,
-                 commit_interval_s: float = 0.025, max_batch_rows: int = 5000, checkpoint_s: float = 30.0,
+                 commit_interval_s: float = 0.05, max_batch_rows: int = 5000, checkpoint_s: float = 120.0,
                  readers: int = 2) -> None:
         self.core = core
         self.store = store
@@ -296,6 +320,8 @@ class Accounting:
         self.stats = Stats()
         self.jobs: dict[str, JobUsage] = {}
         self.node_ix: dict[str, int] = {}
+        self._evicting: list[JobUsage] = []  # being marked gone in the store: still answered from memory
+        self.gone_by_group: dict[str, list[int]] = {}  # totals of the jobs marked gone, per group (metrics)
         # Totals checkpoint: rows of jobs reported since the current cycle began (`_dirty`), the snapshot being
         # written in slices (`_cycle`), and the oldest sample time since the previous / current cycle began.
         self._dirty: dict[str, SampleRow] = {}
@@ -323,6 +349,7 @@ class Accounting:
         stored totals are behind start the next checkpoint cycle."""
         self.node_ix, jobs, behind, replay_from = self.store.recover()
         self.jobs = {j.job_id: j for j in jobs}
+        self.gone_by_group = {g: list(c) for g, c in self.store.gone_sums().items()}
         self._dirty = {}
         self._cycle = sorted(sample_row(self.jobs[jid]) for jid in behind)
         self._slice = max(100, math.ceil(len(self._cycle) / 100))
@@ -405,12 +432,10 @@ class Accounting:
         parsed: list[tuple[str, int, int, Counters, bool]] = []
         append = parsed.append
         for r in reports:
+            cs: Counters = tuple(r.counters)  # the packed form: no Python object per nested message
+            if len(cs) != len(COUNTERS):
+                cs = self._nested(r, cs)
             seq = r.seq
-            n = r.net
-            tx, rx = n.tx, n.rx
-            a, b, c, d, e, f = tx.local, tx.overlay, tx.external, rx.local, rx.overlay, rx.external
-            cs: Counters = (a.bytes, a.packets, b.bytes, b.packets, c.bytes, c.packets,
-                            d.bytes, d.packets, e.bytes, e.packets, f.bytes, f.packets)
             if not seq or seq > MAX_COUNTER or max(cs) > MAX_COUNTER:
                 self._bad_report(r, cs)
             s = r.sampled
@@ -452,8 +477,7 @@ class Accounting:
                 t = now
             if t <= st.last_t:
                 t = st.last_t + 1
-            old = st.counters
-            if min(map(operator.sub, cs, old)) < 0:
+            if not all(map(ge, cs, st.counters)):
                 cs = self._backwards(st, seq, cs)
             if not st.seq:
                 st.first_t = t
@@ -480,6 +504,14 @@ class Accounting:
         if accepted or dup:
             out.durable = self._barrier()
         return out
+
+    @staticmethod
+    def _nested(r: pb.JobUsageReport, cs: Counters) -> Counters:
+        """The counters of a report without the packed form (an agent older than it): from `net`."""
+        if cs:
+            raise InvalidArgument(f"the report for job {r.job_id!r} (seq {r.seq}) has {len(cs)} packed counters: "
+                                  f"send all {len(COUNTERS)} or none (nothing of this request was stored)")
+        return counters_of(r.net)
 
     def _bad_report(self, r: pb.JobUsageReport, cs: Counters) -> None:
         if not r.seq:
@@ -614,6 +646,38 @@ class Accounting:
         except Exception:
             log.exception("could not reload the accounting state after a failed write; restart the controller")
 
+    # ---------------------------------------------------------------- purged jobs
+
+    async def evict(self, job_ids: Iterable[str] | None = None) -> int:
+        """Forget the accounting state of jobs purged from the controller's state (these, or every job in
+        memory that is no longer in the state): their totals rows are written and marked gone in the store, where
+        queries still find them. Returns how many went."""
+        cluster = self.core.c.jobs
+        ids = list(self.jobs) if job_ids is None else job_ids
+        out = [self.jobs.pop(jid) for jid in ids if jid in self.jobs and jid not in cluster]
+        if not out:
+            return 0
+        self._evicting += out
+        try:
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self._writer, self.store.gone, [totals_row(j) for j in out])
+        except BaseException:
+            for j in out:  # not marked: keep them in memory
+                self.jobs.setdefault(j.job_id, j)
+            raise
+        else:
+            for j in out:
+                add_into(self.gone_by_group.setdefault(j.group, [0] * len(COUNTERS)), j.counters)
+        finally:
+            gone = {id(j) for j in out}
+            self._evicting = [j for j in self._evicting if id(j) not in gone]
+        log.info("accounting: %d purged job(s) no longer kept in memory (their totals stay in the store)", len(out))
+        return len(out)
+
+    def evicting(self) -> list[JobUsage]:
+        """Jobs out of `jobs` whose gone mark is being written (still counted from memory)."""
+        return list(self._evicting)
+
     # ---------------------------------------------------------------- job records
 
     def job_out(self, job: pb.Job) -> pb.Job:
@@ -628,11 +692,12 @@ class Accounting:
 
     # ---------------------------------------------------------------- queries
 
-    def plan(self, req: pb.QueryUsageRequest) -> _Plan:
-        """Validate a query and take what it needs from memory (on the event loop)."""
+    def plan(self, req: pb.QueryUsageRequest, gone: JobUsage | None = None) -> _Plan:
+        """Validate a query and take what it needs from memory (on the event loop). `gone`: the job asked for,
+        read from the store (purged from the state, no longer in memory)."""
         if req.job_id:
             validate.job_id(req.job_id)
-            if req.job_id not in self.jobs and req.job_id not in self.core.c.jobs:
+            if req.job_id not in self.jobs and req.job_id not in self.core.c.jobs and gone is None:
                 raise NotFound(f"no job {req.job_id}: `jobnet job list --all` shows jobs, finished ones included")
         if req.group:
             validate.group_name(req.group)
@@ -655,7 +720,8 @@ class Accounting:
                                   + (" (now)" if end == now else ""))
         jobs = []
         if req.job_id:
-            cands: Iterable[JobUsage] = [self.jobs[req.job_id]] if req.job_id in self.jobs else []
+            one = self.jobs.get(req.job_id) or gone
+            cands: Iterable[JobUsage] = [one] if one is not None else []
         else:
             cands = self.jobs.values()
         g, n, u = req.group, req.node, req.user
@@ -664,9 +730,7 @@ class Accounting:
                 continue
             if j.first_t > end or (start is not None and j.last_t <= start):
                 continue  # no traffic within the window
-            key = j.job_id if by == "job" else j.group if by == "group" else j.node if by == "node" else \
-                j.user if by == "user" else "all"
-            jobs.append(_QueryJob(key, j.node_ix, j.job_int, j.first_t, j.last_t, j.counters))
+            jobs.append(_QueryJob(self._key(j, by), j.node_ix, j.job_int, j.first_t, j.last_t, j.counters))
         step = req.step_s * 1000
         if (step or req.points) and start is None:
             # Since the beginning: the series starts on the whole second before the first sample.
@@ -682,16 +746,34 @@ class Accounting:
                 raise InvalidArgument(f"a series of {points} points (a step of {req.step_s} s over "
                                       f"{_iso(start)} .. {_iso(end)}) is too long: at most {MAX_POINTS}; "
                                       "give a larger step or a shorter window")
-        return _Plan(by=by, top=req.top, start=start, end=end, step=step, jobs=jobs)
+        return _Plan(by=by, top=req.top, start=start, end=end, step=step, jobs=jobs,
+                     gone=None if req.job_id else (g, n, u), skip={j.job_id for j in self._evicting})
+
+    @staticmethod
+    def _key(j: JobUsage, by: str) -> str:
+        return j.job_id if by == "job" else j.group if by == "group" else j.node if by == "node" else \
+            j.user if by == "user" else "all"
 
     async def query(self, req: pb.QueryUsageRequest) -> pb.QueryUsageResponse:
-        plan = self.plan(req)
         loop = asyncio.get_running_loop()
+        gone = None
+        if req.job_id and req.job_id not in self.jobs and req.job_id not in self.core.c.jobs:
+            validate.job_id(req.job_id)
+            found = await loop.run_in_executor(self._readers, lambda: self.store.gone_jobs(job_id=req.job_id))
+            gone = found[0] if found else None
+        plan = self.plan(req, gone)
         return await loop.run_in_executor(self._readers, self.run_query, plan)
 
     def run_query(self, p: _Plan) -> pb.QueryUsageResponse:
         """Compute a planned query (on a reader thread: it reads the store)."""
         store = self.store
+        if p.gone is not None:
+            # Jobs purged from the state are no longer in memory: their totals rows (those being evicted right
+            # now are in the plan from memory)
+            g, n, u = p.gone
+            p.jobs += [_QueryJob(self._key(j, p.by), j.node_ix, j.job_int, j.first_t, j.last_t, j.counters)
+                       for j in store.gone_jobs(group=g, node=n, user=u, start=p.start, end=p.end)
+                       if j.job_id not in p.skip]
         rows: dict[str, list[int]] = {}
         members: dict[str, list[_QueryJob]] = {}
         for j in p.jobs:

@@ -114,9 +114,10 @@ def serve(core: Controller, address: str, loop: asyncio.AbstractEventLoop) -> An
 
 def accounting_metrics(acct: Accounting) -> list[Metric]:
     """Network totals of every job on record, summed per group, direction and class (counters: a job's totals
-    only grow; they leave this sum only when the accounting store forgets the job), and the ingest counters."""
-    by_group: dict[str, list[int]] = {}
-    for j in list(acct.jobs.values()):
+    only grow; jobs purged from the state count on through the accounting's per-group sums of them), and the ingest
+    counters."""
+    by_group: dict[str, list[int]] = {g: list(c) for g, c in acct.gone_by_group.items()}
+    for j in [*acct.jobs.values(), *acct.evicting()]:
         add_into(by_group.setdefault(j.group, [0] * len(COUNTERS)), j.counters)
     nbytes = CounterMetricFamily("jobnet_network_bytes", "Frame bytes of jobs by group, direction and class "
                                  "(as reported by the agents; Ethernet header included).",

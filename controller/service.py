@@ -144,7 +144,8 @@ class ControllerService(pbg.ControllerServicer):
         await self.acct.wait_durable(res)  # group commit: acknowledged means on disk
         if res.finals:
             self.acct.record_finals(res.finals)
-        return pb.ReportUsageResponse(accepted=res.accepted, duplicates=res.duplicates, unknown_jobs=res.unknown)
+        return pb.ReportUsageResponse(accepted=res.accepted, duplicates=res.duplicates, unknown_jobs=res.unknown,
+                                      reads_counters=True)
 
     @rpc
     async def QueryUsage(self, request: pb.QueryUsageRequest, context: Any) -> pb.QueryUsageResponse:

@@ -131,6 +131,9 @@ class Agent:
             if not rec.final:
                 self.meter.seed(job_id, rec.totals)
         self._usage_batch = USAGE_BATCH
+        # The controller reads JobUsageReport.counters (it said so in a ReportUsageResponse): send that form,
+        # cheaper for both sides; until then `net`, which every controller reads.
+        self._usage_packed = False
         self._usage_retry_at = 0.0
         self._usage_unreachable = ""     # the last reason ReportUsage failed (logged once per reason)
         self._usage_warned: set[str] = set()
@@ -336,7 +339,7 @@ class Agent:
             if not batch:
                 return
             req = pb.ReportUsageRequest(node=self.s.name, boot_id=self.boot_id,
-                                        reports=[to_report(r) for r in batch])
+                                        reports=[to_report(r, self._usage_packed) for r in batch])
             try:
                 resp = await self._stub.ReportUsage(req, timeout=10)
             except grpc.aio.AioRpcError as e:
@@ -360,6 +363,12 @@ class Agent:
             if self._usage_unreachable:
                 log.info("usage reports delivered again (%d pending)", len(self.usage) - len(batch))
                 self._usage_unreachable = ""
+            if self._usage_packed and not resp.reads_counters:
+                # A controller replaced by an older one: it took these reports' counters as zeros (and keeps
+                # each job's maximum, so totals lag until the next report in the other form). Rare; say so.
+                log.error("the controller does not read packed usage counters (an older controller?): %d "
+                          "report(s) counted as zeros; sending the nested form from now on", len(batch))
+            self._usage_packed = resp.reads_counters
             self.usage.ack([r.seq for r in batch])
             self.stats["usage_sent"] += len(batch)
             if resp.unknown_jobs:

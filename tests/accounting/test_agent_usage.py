@@ -111,6 +111,7 @@ class FakeStub:
         self.usage_error: grpc.StatusCode | None = grpc.StatusCode.UNIMPLEMENTED
         self.refuse_seq: set[int] = set()
         self.usage: list[pb.ReportUsageRequest] = []
+        self.reads_counters = False
         self.status: list[pb.ReportJobStatusRequest] = []
 
     async def ReportUsage(self, req: pb.ReportUsageRequest, timeout: float = 0) -> pb.ReportUsageResponse:
@@ -119,7 +120,7 @@ class FakeStub:
         if any(r.seq in self.refuse_seq for r in req.reports):
             raise _err(grpc.StatusCode.INVALID_ARGUMENT, "bad report")
         self.usage.append(req)
-        return pb.ReportUsageResponse(accepted=len(req.reports))
+        return pb.ReportUsageResponse(accepted=len(req.reports), reads_counters=self.reads_counters)
 
     async def ReportJobStatus(self, req: pb.ReportJobStatusRequest, timeout: float = 0) -> pb.ReportJobStatusResponse:
         self.status.append(req)
@@ -263,3 +264,29 @@ def test_spool_survives_an_agent_restart(agent: Any, tmp_path: Path) -> None:
     b = Agent(a.s, FakeRuntime(Log()), FakeNetwork(), accounting=FakeAccounting(Log()))
     assert [r.seq for r in b.usage.pending()] == pending
     assert b.meter.last(j1.id) == a.usage.pending()[0].totals, "the meter is seeded from the spool"
+
+
+def test_packed_counters_once_the_controller_reads_them(agent: Any) -> None:
+    """`net` until a response says the controller reads JobUsageReport.counters, then only the packed form (the
+    same values, in COUNTERS order); back to `net` if a controller stops saying so."""
+    a, _log, _rt, _acct, stub = agent
+    stub.usage_error = None
+    stub.reads_counters = True
+    a.desired = desired(job(1))
+    a._reconcile_sync(a.desired, True)
+
+    def send() -> pb.JobUsageReport:
+        a._sample_usage_sync()
+        asyncio.run(a._flush_usage())
+        return stub.usage[-1].reports[-1]
+
+    first = send()
+    assert first.HasField("net") and not first.counters
+    second = send()
+    assert not second.HasField("net") and len(second.counters) == 12
+    # tx local bytes, packets, tx overlay .., tx external .., rx local .., rx overlay .., rx external ..
+    assert list(second.counters) == [2000, 20, 0, 0, 0, 0, 1000, 10, 0, 0, 0, 0]
+    assert (first.net.tx.local.bytes, first.net.tx.local.packets, first.net.rx.local.bytes) == (1000, 10, 500)
+    stub.reads_counters = False
+    send()
+    assert send().HasField("net"), "an older controller again: the nested form"

@@ -1476,6 +1476,7 @@ class JobUsageReport(_message.Message):
     SAMPLED_FIELD_NUMBER: _builtins.int
     NET_FIELD_NUMBER: _builtins.int
     FINAL_FIELD_NUMBER: _builtins.int
+    COUNTERS_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     seq: _builtins.int
     """per job, increasing; a report with seq <= the last stored one is a duplicate"""
@@ -1487,6 +1488,15 @@ class JobUsageReport(_message.Message):
     def net(self) -> Global___NetUsage:
         """cumulative since the job started"""
 
+    @_builtins.property
+    def counters(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The 12 counters of `net` as one packed list, in the order tx local bytes, tx local packets, tx overlay bytes,
+        tx overlay packets, tx external bytes, tx external packets, then the same six for rx: cheaper to encode and to
+        read than `net`'s nested messages. A report carries either: a controller reads `counters` when it is set
+        (then exactly 12 values) and `net` otherwise. Controllers that read it say so (ReportUsageResponse.
+        reads_counters); agents send `net` until then, since an older controller ignores this field.
+        """
+
     def __init__(
         self,
         *,
@@ -1495,10 +1505,11 @@ class JobUsageReport(_message.Message):
         sampled: _timestamp_pb2.Timestamp | None = ...,
         net: Global___NetUsage | None = ...,
         final: _builtins.bool = ...,
+        counters: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["net", b"net", "sampled", b"sampled"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["final", b"final", "job_id", b"job_id", "net", b"net", "sampled", b"sampled", "seq", b"seq"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["counters", b"counters", "final", b"final", "job_id", b"job_id", "net", b"net", "sampled", b"sampled", "seq", b"seq"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1537,21 +1548,25 @@ class ReportUsageResponse(_message.Message):
     ACCEPTED_FIELD_NUMBER: _builtins.int
     DUPLICATES_FIELD_NUMBER: _builtins.int
     UNKNOWN_JOBS_FIELD_NUMBER: _builtins.int
+    READS_COUNTERS_FIELD_NUMBER: _builtins.int
     accepted: _builtins.int
     duplicates: _builtins.int
     """already stored (a resend after a lost acknowledgement)"""
     unknown_jobs: _builtins.int
     """not jobs of this node: dropped; the agent must not resend them"""
+    reads_counters: _builtins.bool
+    """this controller reads JobUsageReport.counters (older ones leave it false)"""
     def __init__(
         self,
         *,
         accepted: _builtins.int = ...,
         duplicates: _builtins.int = ...,
         unknown_jobs: _builtins.int = ...,
+        reads_counters: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "duplicates", b"duplicates", "unknown_jobs", b"unknown_jobs"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "duplicates", b"duplicates", "reads_counters", b"reads_counters", "unknown_jobs", b"unknown_jobs"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
