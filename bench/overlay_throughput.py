@@ -249,6 +249,8 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=5, help="iperf3 -t of every run")
     ap.add_argument("--repeat", type=int, default=7, help="runs per path (median reported)")
     ap.add_argument("--pairs", type=int, default=7, help="concurrent jobnet + hand-vxlan runs (0: none)")
+    ap.add_argument("--agent-arg", action="append", default=[], metavar="ARG",
+                    help="passed to the lab's agents (repeatable), e.g. --agent-arg=--spare-netns --agent-arg=0")
     ap.add_argument("--no-hand-accounting", action="store_true",
                     help="leave the hand-built job namespaces without jobnet's accounting table (by default they get "
                          "the same one, so the ratio compares the networks; bench/accounting measures the table)")
@@ -256,7 +258,7 @@ def main() -> int:
     if os.geteuid() != 0:
         sys.exit("run as root")
     name = f"jnbo{os.getpid()}"
-    lab = Lab(name=name, nodes=2, dir=Path(f"/run/jobnet/bench-{name}"))
+    lab = Lab(name=name, nodes=2, dir=Path(f"/run/jobnet/bench-{name}"), agent_args=tuple(a.agent_arg))
     made: list[str] = []
     try:
         lab.up()
