@@ -127,6 +127,23 @@ def enter_netns(path: Path) -> None:
         os.close(fd)
 
 
+def _raise_fd_limit() -> None:
+    """The agent keeps a netlink socket open in every job's network namespace (and a few files per job): raise
+    its soft limit on open files to the hard one (systemd's default soft limit is 1,024)."""
+    import resource
+
+    log = logging.getLogger("jobnet.agent")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            log.info("open files limit raised from %d to %d", soft, want)
+        except (ValueError, OSError) as e:
+            log.warning("could not raise the open files limit from %d (%s): at most ~%d jobs on this node",
+                        soft, e, max(0, soft - 100))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
@@ -172,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     except SiteConfigError as e:
         log.error("%s", e)
         return 2
+    _raise_fd_limit()  # (after the runtime's helper started: jobs keep the limit the agent was given)
     network = NetworkReconciler(NetSettings(
         netns_dir=settings.netns_dir,
         underlay_ifname=settings.underlay_ifname,
@@ -205,3 +223,4 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
