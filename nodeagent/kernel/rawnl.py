@@ -193,14 +193,23 @@ def _seq_base() -> int:
     return (next(_seq) % 0xFFFF + 1) << 16
 
 
+JOB_SOCKET_TIMEOUT_S = 5  # a reply that never comes (its ack dropped) fails the step instead of hanging
+
+
 def job_socket() -> socket.socket:
     """A route socket in the calling thread's namespace (a job's), bound to JOB_PORTID; should something
-    else hold that port there, to any (the watch then sees our own notifications: slower, still right)."""
+    else hold that port there, to any (the watch then sees our own notifications: slower, still right).
+    Receiving times out after JOB_SOCKET_TIMEOUT_S (SO_RCVTIMEO: no extra system call per receive)."""
     s = route_socket()
     try:
-        s.bind((JOB_PORTID, 0))
-    except OSError:
-        s.bind((0, 0))
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("=qq", JOB_SOCKET_TIMEOUT_S, 0))
+        try:
+            s.bind((JOB_PORTID, 0))
+        except OSError:
+            s.bind((0, 0))
+    except BaseException:
+        s.close()
+        raise
     return s
 
 
