@@ -25,7 +25,7 @@ import errno
 import logging
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +41,7 @@ from nodeagent.kernel.errors import (
     from_oserror,
 )
 from nodeagent.kernel.model import ZERO_MAC, NetSettings
-from nodeagent.kernel.namespaces import Namespaces, write_sysctl
+from nodeagent.kernel.namespaces import Namespaces, ipv6_off
 from nodeagent.kernel.neighwatch import NeighWatch
 from nodeagent.kernel.netlink import Netlink
 from nodeagent.kernel.observe import LOOPBACK_IFINDEX
@@ -94,12 +94,6 @@ class _JobSock:
 def _gone(e: KernelError) -> bool:
     """The namespace, its eth0 or the entry is not there (which satisfies a delete)."""
     return e.errno in GONE_ERRNOS or (isinstance(e, InvalidArgument) and e.op in ("open netns", "setns"))
-
-
-def _ipv6_off(ifname: str, netns: str) -> None:
-    """disable_ipv6 on one link of the calling thread's namespace (no-op on a kernel without IPv6)."""
-    if os.path.isdir("/proc/sys/net/ipv6"):
-        write_sysctl(f"ipv6/conf/{ifname}/disable_ipv6", "1", netns)
 
 
 class Applier:
@@ -328,10 +322,14 @@ class Applier:
         the namespace has no eth0."""
         js = self._jobsocks.get(job_id)
         if js is None:
-            self.open_job_sockets([job_id])
-            js = self._jobsocks.get(job_id)
+            err = self._open_errors.pop(job_id, None)  # (a fan-out has just tried to open it: not twice)
+            if err is None:
+                self.open_job_sockets([job_id])
+                js = self._jobsocks.get(job_id)
+                err = self._open_errors.pop(job_id, None)
             if js is None:
-                raise self._open_errors.pop(job_id)
+                assert err is not None
+                raise err
         netns = names.job_netns(job_id)
         if not js.eth0:
             js.eth0 = rawnl.link_index(js.sock, names.JOB_IFNAME, netns)
@@ -414,7 +412,7 @@ class Applier:
     def _up_without_ipv6(self, ifname: str) -> None:
         """The node takes no part in a group's L2: no link-local address, no DAD, RS or MLD into the
         overlay from the bridge, the vxlan device or a job's host end (`_attach_port`). Then up."""
-        _ipv6_off(ifname, self.nl.netns)
+        ipv6_off(ifname, self.nl.netns)
         self.nl.set_link_by_name(ifname, state="up")
 
     # -- job networks -----------------------------------------------------------------------------
@@ -472,11 +470,17 @@ class Applier:
                 self.nl.delete_link(spec.host_ifname)
         if made:
             self._jobsocks[spec.job_id] = made[0]
+        self._finish_new_job(spec, path, lambda: self._attach_port(spec))
+
+    def _finish_new_job(self, spec: JobNetSpec, path: Path, last: Callable[[], None]) -> None:
+        """The end of a new job network, made anew or from a spare: `last` (what is left to do); should it
+        fail, the job's veth and namespace go again (the original error is raised; a full reconcile cleans
+        up the rest). Then the neighbour watch follows the namespace from an empty table."""
         self._forget(spec.host_ifname)
         try:
-            self._attach_port(spec)
+            last()
         except BaseException:
-            with contextlib.suppress(KernelError):  # the original error matters; a full reconcile cleans up
+            with contextlib.suppress(KernelError):
                 self.nl.delete_link(spec.host_ifname)
                 self._delete_job(DeleteJobNetwork(spec.job_id, spec.netns, spec.host_ifname))
             raise
@@ -491,41 +495,30 @@ class Applier:
         of the job made) when the spare cannot be taken: the caller makes one the cold way."""
         assert self.spares is not None
         path = self.job_netns_path(spec.netns)
+        renamed = False
         try:
             index = socket.if_nametoindex(spare.ifname)
             rawnl.send(self._raw, [rawnl.link_rename(spare.ifname, index, spec.host_ifname)], self.nl.netns)
+            renamed = True
+            self.ns.move(spare.path, path)
         except (KernelError, OSError) as e:
             log.warning("spare namespace %s not usable for job %s (%s): making one", spare.path.name, spec.job_id, e)
-            self.spares.discard(spare, [spare.ifname])
-            return False
-        try:
-            self.ns.move(spare.path, path)
-        except KernelError as e:
-            log.warning("spare namespace %s not usable for job %s (%s): making one", spare.path.name, spec.job_id, e)
-            self.spares.discard(spare, [spec.host_ifname])
+            self.spares.discard(spare, [spec.host_ifname if renamed else spare.ifname])
             return False
         # The namespace and the veth are the job's now; the rest as for a new one (eth0 keeps ifindex 2).
         self._close_job_sock(spec.job_id)
         self._jobsocks[spec.job_id] = _JobSock(spare.sock, FRESH_NS_ETH0_INDEX, spare.ino)
-        self._forget(spec.host_ifname)
         eth0 = FRESH_NS_ETH0_INDEX
-        try:
+
+        def last() -> None:
             rawnl.send(spare.sock, [
                 rawnl.link_set_up(names.JOB_IFNAME, eth0, spec.mac, spec.mtu),
                 rawnl.addr_replace(names.JOB_IFNAME, eth0, spec.ip, spec.prefixlen),
                 rawnl.default_route_replace(names.JOB_IFNAME, eth0, spec.gateway),
             ], spec.netns)
-            self._attach_port(spec, mtu=spec.mtu, ipv6_off=False)  # (IPv6 went off when the spare was made)
-        except BaseException:
-            with contextlib.suppress(KernelError):  # the original error matters; a full reconcile cleans up
-                self.nl.delete_link(spec.host_ifname)
-                self._delete_job(DeleteJobNetwork(spec.job_id, spec.netns, spec.host_ifname))
-            raise
-        if self.watch is not None:
-            try:
-                self.watch.fresh(spec.job_id, path, eth0)
-            except KernelError as e:  # its table is read whole at the next full reconcile instead
-                log.warning("not watching the neighbours of job %s: %s", spec.job_id, e)
+            self._attach_port(spec, mtu=spec.mtu, disable_ipv6=False)  # (IPv6 went off when the spare was made)
+
+        self._finish_new_job(spec, path, last)
         return True
 
     def _configure_job(self, spec: JobNetSpec, recreate_veth: bool) -> None:
@@ -574,12 +567,12 @@ class Applier:
         self._forget(spec.host_ifname)
         self._attach_port(spec)
 
-    def _attach_port(self, spec: JobNetSpec, mtu: int = 0, ipv6_off: bool = True) -> None:
+    def _attach_port(self, spec: JobNetSpec, mtu: int = 0, disable_ipv6: bool = True) -> None:
         """A job's host end: IPv6 off (as `_up_without_ipv6`), then one batch: onto its bridge and up (and
         `mtu` if given), bridge port learning off. Its static FDB entry is a step of its own (ReplaceBridgeFdb)."""
         host = spec.host_ifname
-        if ipv6_off:
-            _ipv6_off(host, self.nl.netns)
+        if disable_ipv6:
+            ipv6_off(host, self.nl.netns)
         idx = self.index(host)
         rawnl.send(self._raw, [rawnl.port_attach(host, idx, spec.bridge, self.index(spec.bridge), mtu),
                                rawnl.port_learning(host, idx, False)], self.nl.netns)

@@ -54,6 +54,21 @@ def write_sysctl(key: str, value: str, netns: str) -> None:
         raise from_oserror("write sysctl", path, netns, e) from e
 
 
+def ipv6_off(ifname: str, netns: str) -> None:
+    """disable_ipv6 on one link of the calling thread's namespace (no-op on a kernel without IPv6)."""
+    if os.path.isdir("/proc/sys/net/ipv6"):
+        write_sysctl(f"ipv6/conf/{ifname}/disable_ipv6", "1", netns)
+
+
+def _new_file(path: Path, label: str) -> None:
+    """An empty file at `path` to bind-mount a namespace onto; AlreadyExists (typed) if there is one."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
+    except OSError as e:
+        raise from_oserror("create netns file", str(path), label, e) from e
+    os.close(fd)
+
+
 def _netlink_socket() -> int:
     s = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC, NETLINK_ROUTE)
     return s.detach()
@@ -98,11 +113,7 @@ class Namespaces:
         name = path.name
 
         def work() -> None:
-            try:
-                fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
-            except OSError as e:
-                raise from_oserror("create netns file", str(path), self.label, e) from e
-            os.close(fd)
+            _new_file(path, self.label)
             try:
                 _check(_libc.unshare(ctypes.c_int(CLONE_NEWNET)), "unshare(CLONE_NEWNET) for", name, name)
                 for key, value in sysctls.items():
@@ -175,11 +186,7 @@ class Namespaces:
     def move(self, src: Path, dst: Path) -> None:
         """Pin the namespace of the file `src` at `dst` instead (a new file, bind-mounted; AlreadyExists if
         `dst` exists), and remove `src`. On failure `src` is left as it was and `dst` is not there."""
-        try:
-            fd = os.open(dst, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
-        except OSError as e:
-            raise from_oserror("create netns file", str(dst), self.label, e) from e
-        os.close(fd)
+        _new_file(dst, self.label)
         try:
             _check(_libc.mount(os.fsencode(src), os.fsencode(dst), None, ctypes.c_ulong(MS_BIND), None),
                    "bind mount netns onto", str(dst), self.label)

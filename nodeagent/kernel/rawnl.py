@@ -20,7 +20,7 @@ import ipaddress
 import itertools
 import socket
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from nodeagent.kernel.errors import DumpInterrupted, KernelError, from_errno
@@ -213,6 +213,36 @@ def job_socket() -> socket.socket:
     return s
 
 
+def _neigh_msg(seq: int, ifindex: int, ip: bytes, mac: bytes | None, ack: bool) -> bytes:
+    """A permanent IPv4 neighbour replace (`mac`) or delete (None), ready to send."""
+    flag = NLM_F_ACK if ack else 0
+    if mac is not None:
+        return _NEIGH_NEW.pack(48, RTM_NEWNEIGH, NLM_F_REQUEST | NLM_F_CREATE | NLM_F_REPLACE | flag, seq, 0,
+                               socket.AF_INET, ifindex, NUD_PERMANENT, 0, 0, 8, NDA_DST, ip, 10, NDA_LLADDR, mac)
+    return _NEIGH_DEL.pack(36, RTM_DELNEIGH, NLM_F_REQUEST | flag, seq, 0, socket.AF_INET, ifindex, 0, 0, 0, 8,
+                           NDA_DST, ip)
+
+
+def _replies(sock: socket.socket, netns: str) -> Iterator[tuple[int, int, int, bytes]]:
+    """The messages the kernel sends on `sock`, as they come: (type, flags, seq, the message). Never ends by
+    itself: the caller stops when it has its answer (a receive timeout or error raises OSError)."""
+    while True:
+        data = _recv(sock, netns)
+        off = 0
+        while off + 16 <= len(data):
+            length, kind, flags, seq = struct.unpack_from("=IHHI", data, off)
+            if length < 16:
+                break
+            yield kind, flags, seq, data[off:off + length]
+            off += (length + 3) & ~3
+
+
+def _error(msg: bytes, flags: int) -> tuple[int, str] | None:
+    """An NLMSG_ERROR message's outcome: None (an ack) or (errno, extended ack message)."""
+    (err,) = struct.unpack_from("=i", msg, 16)
+    return (-err, _ext_ack_msg(msg, flags)) if err else None
+
+
 def job_neigh(sock: socket.socket, ifindex: int, replace: Sequence[tuple[bytes, bytes]], delete: Sequence[bytes],
               netns: str, chunk: int = 256) -> list[tuple[int, str] | None]:
     """Permanent IPv4 neighbour entries on `ifindex` through `sock` (in the job's namespace): `replace`
@@ -221,36 +251,17 @@ def job_neigh(sock: socket.socket, ifindex: int, replace: Sequence[tuple[bytes, 
     in order, to the end). Each one's outcome in that order: None or (errno, extended ack message)."""
     items: list[tuple[bytes, bytes | None]] = [*replace, *((ip, None) for ip in delete)]
     out: list[tuple[int, str] | None] = [None] * len(items)
-    new, gone = _NEIGH_NEW.pack, _NEIGH_DEL.pack
     for start in range(0, len(items), chunk):
         part = items[start:start + chunk]
         base = _seq_base()  # seqs unique across calls: a stale answer is never taken for this one's
         last = base + len(part) - 1
-        msgs = []
-        for seq, (ip, mac) in enumerate(part, base):
-            ack = NLM_F_ACK if seq == last else 0
-            if mac is not None:
-                msgs.append(new(48, RTM_NEWNEIGH, NLM_F_REQUEST | NLM_F_CREATE | NLM_F_REPLACE | ack, seq, 0,
-                                socket.AF_INET, ifindex, NUD_PERMANENT, 0, 0, 8, NDA_DST, ip, 10, NDA_LLADDR, mac))
-            else:
-                msgs.append(gone(36, RTM_DELNEIGH, NLM_F_REQUEST | ack, seq, 0, socket.AF_INET, ifindex, 0, 0, 0,
-                                 8, NDA_DST, ip))
-        sock.send(b"".join(msgs))
-        while True:
-            data = _recv(sock, netns)
-            off, finished = 0, False
-            while off + 16 <= len(data):
-                length, kind, flags, seq = struct.unpack_from("=IHHI", data, off)
-                if length < 16:
+        sock.send(b"".join(_neigh_msg(seq, ifindex, ip, mac, seq == last)
+                           for seq, (ip, mac) in enumerate(part, base)))
+        for kind, flags, seq, msg in _replies(sock, netns):
+            if kind == NLMSG_ERROR and base <= seq <= last:
+                out[start + seq - base] = _error(msg, flags)
+                if seq == last:
                     break
-                if kind == NLMSG_ERROR and base <= seq <= last:
-                    (err,) = struct.unpack_from("=i", data, off + 16)
-                    if err:
-                        out[start + seq - base] = (-err, _ext_ack_msg(data[off:off + length], flags))
-                    finished = finished or seq == last
-                off += (length + 3) & ~3
-            if finished:
-                break
     return out
 
 
@@ -258,29 +269,16 @@ def neigh_one(sock: socket.socket, ifindex: int, ip: bytes, mac: bytes | None) -
     """Send ONE permanent neighbour replace (`mac`) or delete (None) with an ack asked; return its seq for
     `ack_of` (a fan-out sends to every job namespace first, then reads the answers)."""
     seq = _seq_base()
-    if mac is not None:
-        sock.send(_NEIGH_NEW.pack(48, RTM_NEWNEIGH, NLM_F_REQUEST | NLM_F_CREATE | NLM_F_REPLACE | NLM_F_ACK, seq,
-                                  0, socket.AF_INET, ifindex, NUD_PERMANENT, 0, 0, 8, NDA_DST, ip, 10, NDA_LLADDR,
-                                  mac))
-    else:
-        sock.send(_NEIGH_DEL.pack(36, RTM_DELNEIGH, NLM_F_REQUEST | NLM_F_ACK, seq, 0, socket.AF_INET, ifindex,
-                                  0, 0, 0, 8, NDA_DST, ip))
+    sock.send(_neigh_msg(seq, ifindex, ip, mac, True))
     return seq
 
 
 def ack_of(sock: socket.socket, seq: int, netns: str) -> tuple[int, str] | None:
     """The answer to the request `seq` on `sock`: None (done) or (errno, extended ack message)."""
-    while True:
-        data = _recv(sock, netns)
-        off = 0
-        while off + 16 <= len(data):
-            length, kind, flags, got = struct.unpack_from("=IHHI", data, off)
-            if length < 16:
-                break
-            if kind == NLMSG_ERROR and got == seq:
-                (err,) = struct.unpack_from("=i", data, off + 16)
-                return (-err, _ext_ack_msg(data[off:off + length], flags)) if err else None
-            off += (length + 3) & ~3
+    for kind, flags, got, msg in _replies(sock, netns):
+        if kind == NLMSG_ERROR and got == seq:
+            return _error(msg, flags)
+    raise AssertionError("unreachable")  # (_replies never ends)
 
 
 def link_index(sock: socket.socket, ifname: str, netns: str) -> int:
@@ -288,22 +286,17 @@ def link_index(sock: socket.socket, ifname: str, netns: str) -> int:
     seq = _seq_base()
     body = _ifinfo() + _attr(IFLA_IFNAME, _str(ifname))
     sock.send(struct.pack("=IHHII", 16 + len(body), RTM_GETLINK, NLM_F_REQUEST, seq, 0) + body)
-    while True:
-        data = _recv(sock, netns)
-        off = 0
-        while off + 16 <= len(data):
-            length, kind, _, got = struct.unpack_from("=IHHI", data, off)
-            if length < 16:
-                break
-            if got == seq:
-                if kind == RTM_NEWLINK:
-                    return int(struct.unpack_from("=i", data, off + 20)[0])
-                if kind == NLMSG_ERROR:
-                    (err,) = struct.unpack_from("=i", data, off + 16)
-                    if err in (-errno.ENODEV, -errno.ENOENT):
-                        return 0
-                    raise from_errno("look up link", ifname, netns, -err)
-            off += (length + 3) & ~3
+    for kind, flags, got, msg in _replies(sock, netns):
+        if got != seq:
+            continue
+        if kind == RTM_NEWLINK:
+            return int(struct.unpack_from("=i", msg, 20)[0])
+        if kind == NLMSG_ERROR:
+            err = _error(msg, flags)
+            if err is None or err[0] in (errno.ENODEV, errno.ENOENT):
+                return 0
+            raise from_errno("look up link", ifname, netns, *err)
+    raise AssertionError("unreachable")  # (_replies never ends)
 
 
 def route_socket() -> socket.socket:

@@ -30,7 +30,7 @@ from pathlib import Path
 from nodeagent import names
 from nodeagent.kernel import rawnl
 from nodeagent.kernel.errors import KernelError
-from nodeagent.kernel.namespaces import Namespaces
+from nodeagent.kernel.namespaces import Namespaces, ipv6_off
 
 log = logging.getLogger("jobnet.agent.kernel")
 
@@ -113,10 +113,7 @@ class SparePool:
         self.ns.create(path, self.sysctls, inside)
         sock, ino = made[0]
         try:
-            if os.path.isdir("/proc/sys/net/ipv6"):
-                from nodeagent.kernel.namespaces import write_sysctl
-
-                write_sysctl(f"ipv6/conf/{ifname}/disable_ipv6", "1", self.ns.label)
+            ipv6_off(ifname, self.ns.label)
         except BaseException:
             sock.close()
             with contextlib.suppress(KernelError):
