@@ -25,6 +25,9 @@ from nodeagent.isolation.cgroups import CgroupLimits, CgroupManager, detect
 BUSYBOX = "/usr/bin/busybox"
 PYTHON = "/usr/bin/python3"
 PROBE = str(Path(__file__).with_name("probe.py"))
+# The probe's source, run with `python -c`: the job's mount namespace hides the host's /tmp (a private one
+# from its scratch dir), so a checkout under /tmp is not there for the job to read.
+PROBE_SOURCE = Path(PROBE).read_text()
 BUSYBOX_APPLETS = ("sh", "ls", "cat", "echo", "id", "ip", "mount", "touch", "sleep", "readlink", "test", "kill")
 
 

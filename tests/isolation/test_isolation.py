@@ -13,7 +13,7 @@ import pytest
 
 from nodeagent.isolation import IsolationSpec, JobRuntime, LaunchRequest
 
-from .conftest import PROBE, PYTHON, cgroup_procs_of, rand, run, wait_exit
+from .conftest import PROBE_SOURCE, PYTHON, cgroup_procs_of, rand, run, wait_exit
 
 pytestmark = pytest.mark.root
 
@@ -91,7 +91,7 @@ def test_unprivileged_no_caps_no_new_privs_and_forbidden_operations(
     try:
         targets = ["/etc/jn-iso-probe", str(workdir / "jn-iso-probe"), "/run/lock/jn-iso-probe",
                    "/dev/shm/jn-iso-private", str(runtime.settings.state_dir / "jn-iso-probe"), "/tmp/jn-iso-ok"]
-        ex, out, err = run(runtime, netns, (PYTHON, "-S", PROBE, str(host.pid), *targets), timeout=20)
+        ex, out, err = run(runtime, netns, (PYTHON, "-S", "-c", PROBE_SOURCE, str(host.pid), *targets), timeout=20)
         assert ex.exit_code == 0, err
         res = json.loads(out)
         st = res["status"]
