@@ -28,13 +28,17 @@ import argparse
 import contextlib
 import os
 import platform
+import socket
 import statistics
 import subprocess
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
+from bench.nft import Nft, NftError
+from bench.nft_accounting import CHAINS, FAMILY, PACKET_OTHERHOST, TABLE, create_commands
 from bench.overlay_throughput import (
     HAND_NET,
     hand_mac,
@@ -46,18 +50,8 @@ from bench.overlay_throughput import (
     wait_reachable,
 )
 from deploy.lab import Lab
-from nodeagent.accounting import JobNet, NetAccounting, NetTotals, UsageSpool
-from nodeagent.accounting.nft import Nft, NftError
-from nodeagent.accounting.rules import (
-    CHAINS,
-    DEVICE,
-    FAMILY,
-    KEYS,
-    PACKET_OTHERHOST,
-    TABLE,
-    create_commands,
-    mac_prefix,
-)
+from nodeagent.accounting import JobNet, NetAccounting, NetTotals, UsageSpool, bpf
+from nodeagent.accounting.rules import BASE, DEVICE, KEYS, mac_prefix
 from nodeagent.kernel.namespaces import Namespaces, write_sysctl
 
 NETNS = Path("/run/netns")
@@ -80,7 +74,7 @@ def _chain(name: str, hooked: bool = True) -> str:
 
 
 def _product_only(chain: str) -> Callable[[int], str]:
-    """The product's transaction minus the other chain (same counters, same rules)."""
+    """The nftables peer's transaction minus the other chain (same counters, same rules)."""
     def build(prefix: int) -> str:
         other = next(c for c in CHAINS if c != chain)
         lines = [ln for ln in create_commands(prefix).splitlines()
@@ -90,7 +84,7 @@ def _product_only(chain: str) -> Callable[[int], str]:
 
 
 def _same_rule(rule: Callable[[str], str]) -> Callable[[int], str]:
-    """Both chains, each with one rule `rule(direction)` (and the product's counter objects)."""
+    """Both chains, each with one rule `rule(direction)` (and the nftables peer's counter objects)."""
     def build(_prefix: int) -> str:
         cmds = [f"create table {T}", *(f"add counter {T} {d}_external" for d in CHAINS)]
         for d in CHAINS:
@@ -134,11 +128,12 @@ def _vmap(prefix: int) -> str:
     return "\n".join(cmds) + "\n"
 
 
+# nftables peers of the product ("on": the BPF programs). "nft" is the table jobnet used until 2026-12-02.
 VARIANTS: dict[str, Callable[[int], str]] = {
-    "on": create_commands,                                                  # the product, as installed
+    "nft": create_commands,                                                  # the nftables peer, as it was
     "none": lambda _prefix: "",                                              # no table either: an A/A control
-    "tx": _product_only("tx"),                                               # its egress chain alone
-    "rx": _product_only("rx"),                                               # its ingress chain alone
+    "nft-tx": _product_only("tx"),                                           # its egress chain alone
+    "nft-rx": _product_only("rx"),                                           # its ingress chain alone
     "hooks": _same_rule(lambda d: ""),                                       # both chains, no rule
     "anon": _same_rule(lambda d: "counter"),                                 # one anonymous counter each
     "named": _same_rule(lambda d: f'counter name "{d}_external"'),           # one named counter each
@@ -148,14 +143,75 @@ VARIANTS: dict[str, Callable[[int], str]] = {
 }
 
 
-def set_rules(acct: NetAccounting, netns: Path, commands: str | None) -> None:
-    """Replace the job's accounting table by `commands` (None: no table)."""
-    def work(nft: Nft) -> None:
-        with contextlib.suppress(NftError):
-            nft.run(f"delete table {T}")
-        if commands:
-            nft.run(commands)
-    acct.run_in(netns, work)
+@dataclass(frozen=True)
+class Counting:
+    """The product's counters (acct) and a way into the bench's namespaces (ns) for the nftables peers."""
+
+    acct: Counting
+    ns: Namespaces
+
+
+def set_rules(c: Counting, netns: Path, commands: str | None) -> None:
+    """Replace the job's nftables accounting table by `commands` (None: no table)."""
+    def work() -> None:
+        with Nft() as nft:
+            with contextlib.suppress(NftError):
+                nft.run(f"delete table {T}")
+            if commands:
+                nft.run(commands)
+    c.ns.run_in(netns, work)
+
+
+def detach_programs(c: Counting, netns: Path) -> None:
+    """Every tcx program off the job's eth0 (the product's counters; the bench's namespaces have no other)."""
+    def work() -> None:
+        idx = socket.if_nametoindex(DEVICE)
+        for d in ("tx", "rx"):
+            for prog_id in bpf.tcx_query(idx, d):
+                fd = bpf.prog_fd_by_id(prog_id)
+                try:
+                    bpf.tcx_detach(idx, fd, d)
+                finally:
+                    os.close(fd)
+    c.ns.run_in(netns, work)
+    c.acct.release(str(netns))
+
+
+def set_tc(c: Counting, netns: Path, mac: str | None) -> None:
+    """The product's programs and map on the classic tc hooks instead (a clsact qdisc, cls_bpf direct-action
+    filters): the way before tcx (Linux 6.6). None: no clsact qdisc."""
+    def work() -> None:
+        from pyroute2 import IPRoute
+
+        idx = socket.if_nametoindex(DEVICE)
+        with IPRoute() as ipr:
+            with contextlib.suppress(Exception):
+                ipr.tc("del", "clsact", idx)
+            if mac is None:
+                return
+            ipr.tc("add", "clsact", idx)
+            m = bpf.map_create_percpu_array("jn_acct", 16, len(KEYS))
+            try:
+                for d, parent in (("tx", "ffff:fff3"), ("rx", "ffff:fff2")):
+                    fd = bpf.prog_load_sched_cls(f"jn_acct_{d}", bpf.program(m, d, mac_prefix(mac), BASE[d]))
+                    try:
+                        ipr.tc("add-filter", "bpf", idx, ":1", fd=fd, name=f"jn_acct_{d}", parent=parent, classid=1,
+                               direct_action=True)
+                    finally:
+                        os.close(fd)
+            finally:
+                os.close(m)
+    c.ns.run_in(netns, work)
+
+
+def set_variant(c: Counting, netns: Path, mac: str, k: str | None) -> None:
+    """The job's counting as variant `k`: "on" (the product: BPF programs and map, as the agent installs them),
+    "tc" (the same on classic tc hooks), an nftables rule set of VARIANTS, or nothing (None, "off")."""
+    detach_programs(c, netns)
+    set_tc(c, netns, mac if k == "tc" else None)
+    set_rules(c, netns, VARIANTS[k](mac_prefix(mac)) if k in VARIANTS else None)
+    if k == "on":
+        c.acct.ensure(str(netns), netns, mac)
 
 
 def sh_in(netns: Path, *argv: str) -> None:
@@ -170,9 +226,17 @@ def run_iperf(srv: Path, cli: Path, ip: str, seconds: float) -> dict[str, float]
         return iperf(str(srv), str(cli), ip, seconds)
 
 
+# Functions under which a frame's classifier work runs, whichever kind: netfilter's hook entry and the netdev
+# chains, tc's entry (clsact, tcx) and classifiers (the BPF programs show as bpf_prog_<tag>_<name>). Not
+# nf_hook_slow: br_netfilter's bridge hooks run it with or without accounting (and the netdev hooks run under
+# nf_ingress / nf_hook_egress anyway). The bench also subtracts the share measured with nothing installed ("off").
+HOOK_SYMBOLS = ("nft_do_chain_netdev", "nf_hook_egress", "nf_ingress", "sch_handle_egress",
+                "sch_handle_ingress", "tcf_classify", "tc_run", "tcx_run", "cls_bpf_classify", "bpf_prog_")
+
+
 def nft_share(data: Path) -> tuple[float, int]:
-    """From a `perf record -a -g` file: the share of the iperf3 processes' samples spent under the netdev
-    chains (nft_do_chain_netdev on the stack: hook entry, rules, counters), and their sample count."""
+    """From a `perf record -a -g` file: the share of the iperf3 processes' samples spent under a frame hook
+    (HOOK_SYMBOLS on the stack: hook entry, rules or programs, counters), and their sample count."""
     out = subprocess.run(["perf", "script", "-i", str(data), "-F", "comm,ip,sym"], capture_output=True, text=True,
                          check=True).stdout
     iperf_samples = inside = 0
@@ -181,7 +245,7 @@ def nft_share(data: Path) -> tuple[float, int]:
         if not lines or lines[0].split()[0] != "iperf3":
             continue
         iperf_samples += 1
-        inside += any(ln.split()[-1].startswith("nft_do_chain_netdev") for ln in lines[1:] if ln.split())
+        inside += any(ln.split()[-1].startswith(HOOK_SYMBOLS) for ln in lines[1:] if ln.split())
     return (inside / iperf_samples if iperf_samples else float("nan")), iperf_samples
 
 
@@ -205,7 +269,7 @@ def spread(xs: list[float]) -> str:
             f"range {min(xs):.3f}-{max(xs):.3f}, n={len(xs)}")
 
 
-def throughput(acct: NetAccounting, label: str, jobs: dict[str, tuple[Path, str]], ip: str,
+def throughput(acct: Counting, label: str, jobs: dict[str, tuple[Path, str]], ip: str,
                a: argparse.Namespace) -> dict[str, list[float]]:
     """A/B pairs, `off` against each variant, alternating the order; prints every pair and the medians.
     `jobs`: {"srv": (netns, mac), "cli": (netns, mac)}. Returns {variant: [ratio of each pair]}."""
@@ -226,11 +290,11 @@ def throughput(acct: NetAccounting, label: str, jobs: dict[str, tuple[Path, str]
             got: dict[str, dict[str, float]] = {}
             for k in order:
                 for netns, mac in jobs.values():
-                    set_rules(acct, netns, None if k == "off" else VARIANTS[k](mac_prefix(mac)))
+                    set_variant(acct, netns, mac, k)
                 got[k] = run_iperf(srv, cli, ip, a.seconds)
                 runs[k].append(got[k])
                 if r == 0 and k == "on":  # the product's table counted the stream, in the right class
-                    cnt = acct.read({"cli": JobNet(cli, jobs["cli"][1])})["cli"]
+                    cnt = acct.acct.read({"cli": JobNet(cli, jobs["cli"][1])})["cli"]
                     assert not isinstance(cnt, Exception), cnt
                     print("    client's counters after its 'on' run (frame bytes/packets): " + ", ".join(
                         f"{d}_{c} {b}/{p}" for d in ("tx", "rx") for c, (b, p) in cnt.totals.direction(d).items() if b))
@@ -239,15 +303,24 @@ def throughput(acct: NetAccounting, label: str, jobs: dict[str, tuple[Path, str]
                   f"Gbit/s ({order[0]} first), ratio {ratios[v][-1]:.3f}; retransmits {got['off']['retr']:.0f}/"
                   f"{got[v]['retr']:.0f}; loadavg {loadavg()}")
     if a.profile:
-        print("  CPU profile (perf record -a, cpu-clock 2 kHz, one run per variant): share of the iperf3 processes' "
-              "samples under the accounting chains (nft_do_chain_netdev on the stack)")
+        print(f"  CPU profile (perf record -a, cpu-clock 2 kHz, {a.profile_runs} run(s) per variant, interleaved): "
+              "share of the iperf3 processes' samples under a frame hook (HOOK_SYMBOLS), minus the same share with "
+              "nothing installed (off)")
+        shares: dict[str, list[float]] = {k: [] for k in ["off", *a.variants]}
+        for _ in range(a.profile_runs):
+            for k in shares:
+                for netns, mac in jobs.values():
+                    set_variant(acct, netns, mac, k)
+                res, share, n = profiled_iperf(srv, cli, ip, a.seconds)
+                shares[k].append(share)
+                print(f"    {k:8} {100 * share:5.2f} % of {n} samples ({res['gbps']:.2f} Gbit/s; loadavg {loadavg()})")
+        base = statistics.median(shares["off"])
         for k in a.variants:
-            for netns, mac in jobs.values():
-                set_rules(acct, netns, VARIANTS[k](mac_prefix(mac)))
-            res, share, n = profiled_iperf(srv, cli, ip, a.seconds)
-            print(f"    {k:8} {100 * share:5.2f} % of {n} samples ({res['gbps']:.2f} Gbit/s; loadavg {loadavg()})")
-    for netns, _ in jobs.values():
-        set_rules(acct, netns, None)
+            m = statistics.median(shares[k])
+            print(f"    {k:8} median {100 * m:5.2f} %, minus off {100 * (m - base):5.2f} points "
+                  f"(runs {', '.join(f'{100 * x:.2f}' for x in shares[k])})")
+    for netns, mac in jobs.values():
+        set_variant(acct, netns, mac, None)
     print(f"  {label}, loadavg at the end {loadavg()}:")
     print(f"  {'variant':8} {'Gbit/s median':>13}  {'snd/rcv cpu%':>12}  ratio to off per pair")
     for k, xs in runs.items():
@@ -265,7 +338,7 @@ def throughput(acct: NetAccounting, label: str, jobs: dict[str, tuple[Path, str]
     return ratios
 
 
-def throughput_concurrent(acct: NetAccounting, pairs: list[dict[str, tuple[Path, str]]], ips: list[str],
+def throughput_concurrent(acct: Counting, pairs: list[dict[str, tuple[Path, str]]], ips: list[str],
                           a: argparse.Namespace) -> list[float]:
     """Two streams at the SAME time on two pairs of jobs on one bridge, one pair with the tables and one
     without, the roles swapped every round. On 2 vCPUs the two streams compete for the same CPUs, so their
@@ -282,7 +355,7 @@ def throughput_concurrent(acct: NetAccounting, pairs: list[dict[str, tuple[Path,
         on = r % 2
         for i, pair in enumerate(pairs):
             for netns, mac in pair.values():
-                set_rules(acct, netns, VARIANTS["on"](mac_prefix(mac)) if i == on else None)
+                set_variant(acct, netns, mac, a.concurrent_ab[0] if i == on else a.concurrent_ab[1])
         res = iperf_many([(str(p["srv"][0]), str(p["cli"][0]), ip) for p, ip in zip(pairs, ips, strict=True)],
                          a.seconds)
         per_round.append(res[on]["gbps"] / res[1 - on]["gbps"])
@@ -291,8 +364,8 @@ def throughput_concurrent(acct: NetAccounting, pairs: list[dict[str, tuple[Path,
         if r % 2 == 1:
             ratios.append((per_round[-1] * per_round[-2]) ** 0.5)
     for pair in pairs:
-        for netns, _ in pair.values():
-            set_rules(acct, netns, None)
+        for netns, mac in pair.values():
+            set_variant(acct, netns, mac, None)
     if ratios:
         m = statistics.median(ratios)
         print(f"  concurrent on / off (geometric mean of each swapped pair of rounds): {spread(ratios)}")
@@ -301,7 +374,7 @@ def throughput_concurrent(acct: NetAccounting, pairs: list[dict[str, tuple[Path,
     return ratios
 
 
-def throughput_overlay(acct: NetAccounting, prefix: str, a: argparse.Namespace) -> dict[str, list[float]]:
+def throughput_overlay(acct: Counting, prefix: str, a: argparse.Namespace) -> dict[str, list[float]]:
     """Two "nodes" (the lab's underlay, no controller or agents) and the hand-built VXLAN data path."""
     lab = Lab(name=f"{prefix}o", nodes=2, dir=Path(f"/run/jobnet/bench-{prefix}o"))
     made: list[str] = []
@@ -326,13 +399,17 @@ def main() -> None:
     ap.add_argument("--no-overlay", dest="overlay", action="store_false", help="the local path only")
     ap.add_argument("--concurrent", type=int, default=0, metavar="ROUNDS",
                     help="also the concurrent A/B on the local path: ROUNDS rounds (even; 0: none)")
+    ap.add_argument("--concurrent-ab", default="on,off", metavar="A,B",
+                    help="the two sides of --concurrent (variants, bpf or off), ratio A/B; default on,off")
     ap.add_argument("--local", dest="local", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--no-offload", action="store_true", help="TSO/GSO/GRO off on both jobs' eth0")
+    ap.add_argument("--profile-runs", type=int, default=1, help="profiled runs per variant (the median is printed)")
     ap.add_argument("--profile", action="store_true",
                     help="also one perf-profiled run per variant: CPU share of the accounting chains")
     a = ap.parse_args()
-    a.variants = list(VARIANTS) if a.variants == "all" else a.variants.split(",")
-    if unknown := set(a.variants) - set(VARIANTS):
+    a.variants = ["on", "tc", *VARIANTS] if a.variants == "all" else a.variants.split(",")
+    a.concurrent_ab = a.concurrent_ab.split(",")
+    if unknown := set(a.variants) - set(VARIANTS) - {"on", "tc"}:
         ap.error(f"unknown variants {sorted(unknown)}")
     if a.jobs < 2:
         ap.error("--jobs must be at least 2")
@@ -429,15 +506,15 @@ def main() -> None:
         if a.pairs or a.profile:  # (sequential A/B)
             jobs_local = {"srv": (NETNS / names[1], macs[names[1]]), "cli": (NETNS / names[0], macs[names[0]])}
             if a.local and a.pairs:
-                throughput(acct, "local (two jobs on one bridge)", jobs_local, "10.252.0.2", a)
+                throughput(Counting(acct, ns), "local (two jobs on one bridge)", jobs_local, "10.252.0.2", a)
             if a.overlay and a.pairs:
-                throughput_overlay(acct, prefix, a)
+                throughput_overlay(Counting(acct, ns), prefix, a)
         if a.concurrent:
             if a.jobs < 4:
                 ap.error("--concurrent needs --jobs >= 4")
             pairs = [{"srv": (NETNS / names[2 * k + 1], macs[names[2 * k + 1]]),
                       "cli": (NETNS / names[2 * k], macs[names[2 * k]])} for k in (0, 1)]
-            throughput_concurrent(acct, pairs, ["10.252.0.2", "10.252.0.4"], a)
+            throughput_concurrent(Counting(acct, ns), pairs, ["10.252.0.2", "10.252.0.4"], a)
     finally:
         for n in reversed(made):
             with contextlib.suppress(OSError):

@@ -286,9 +286,9 @@ def main() -> int:
         print(f"overlay throughput: iperf3 {sh('iperf3', '--version').split()[1]}, 1 TCP stream, "
               f"{a.seconds:g} s x {a.repeat} per path (median); kernel {platform.release()}, {os.cpu_count()} cpus "
               f"shared with other work; group VNI {g.vni} MTU {g.mtu}, underlay MTU 1500; loadavg {loadavg()}")
-        print("  jobnet's per-job accounting table (nftables, netdev egress + ingress on eth0) is on both job paths"
+        print("  jobnet's per-job accounting counters (BPF programs on eth0's tcx hooks) are on both job paths"
               if not a.no_hand_accounting else
-              "  the hand-built job namespaces have NO accounting table (jobnet's jobs do: its cost is in the ratio)")
+              "  the hand-built job namespaces have NO accounting counters (jobnet's jobs do: their cost is in)")
         print(f"  offloads on (sender side): jobnet eth0 [{offloads(paths['jobnet'][1], 'eth0')}], "
               f"hand eth0 [{offloads(paths['hand-vxlan'][1], 'eth0')}], "
               f"vxlan jnx{g.vni} [{offloads('/run/netns/' + lab.ns('n1'), f'jnx{g.vni}')}], "

@@ -13,8 +13,8 @@ full pass that reads the kernel anew runs at start-up, every `resync_interval_s`
 
 Threads: the asyncio loop talks gRPC; every kernel and runtime call runs on ONE worker thread
 (`self._kernel`), so netlink sockets and runtime state never see two callers at once. That includes the
-network accounting (`nodeagent.accounting`): its table is installed before a job's first process, its
-counters are sampled every `usage_interval_s` and read a last time when the job's last process exited
+network accounting (`nodeagent.accounting`): its counters are installed before a job's first process, they
+are sampled every `usage_interval_s` and read a last time when the job's last process exited
 (`_job_ended`, always on the kernel thread, so a final reading never races a sample).
 """
 
@@ -26,7 +26,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,7 +62,7 @@ END_REASONS = {
 
 class NetworkReconcilerLike(Protocol):
     def reconcile(self, desired: DesiredState, full: bool = False) -> list[Any]: ...
-    def refill_spares(self, limit: int | None = None) -> int: ...
+    def refill_spares(self, limit: int | None = None, prepare: Callable[[], None] | None = None) -> int: ...
     def job_netns_path(self, job_id: str) -> Path: ...
     def close(self) -> None: ...
 
@@ -83,6 +83,9 @@ USAGE_FIELDS = ("cpu_seconds", "memory_peak_bytes", "io_read_bytes", "io_write_b
 class AccountingLike(Protocol):
     def ensure(self, job_id: str, netns: Path, mac: str) -> Reading: ...
     def read(self, jobs: Mapping[str, JobNet], *, drain_s: float = 0.0) -> dict[str, Reading | AccountingError]: ...
+    def prepare_here(self, mac_prefix: str) -> None: ...
+    def release(self, job_id: str) -> None: ...
+    def retain(self, job_ids: Iterable[str]) -> None: ...
     def close(self) -> None: ...
 
 
@@ -121,6 +124,7 @@ class Agent:
         self.accounting: AccountingLike = accounting if accounting is not None else NetAccounting()
         self._setup_failed = setup_failed
         self.boot_id = uuid.uuid4().hex
+        self.mac_prefix = ""  # "02:NN:NN", this node's job MACs' first octets: known once registered
         self.store = AgentState(settings.state_dir)
         self.desired = self.store.load_desired()
         self.finished = self.store.load_finished()
@@ -237,6 +241,7 @@ class Agent:
         )
         if resp.heartbeat_interval_ms:
             self.heartbeat_interval_s = resp.heartbeat_interval_ms / 1000
+        self.mac_prefix = resp.node.mac_prefix  # spares get this node's accounting programs ahead of time
         self._registered.set()
         log.info("registered as node %s (boot id %s), controller revision %d",
                  self.s.name, self.boot_id, resp.revision)
@@ -395,6 +400,7 @@ class Agent:
                 continue
             jobs[job_id] = JobNet(self.network.job_netns_path(job_id), job.mac)
         n = self._sample_jobs(jobs)
+        self.accounting.retain(jobs)  # a job that went without its final reading: its map is not held forever
         self.stats["usage_sample_ms"] = round((time.perf_counter() - t0) * 1000)
         log.debug("usage: sampled %d job(s) in %.1f ms", n, (time.perf_counter() - t0) * 1000)
 
@@ -411,7 +417,8 @@ class Agent:
             self._usage_warned.discard(job_id)
             if r.action != "ok":
                 self.stats["usage_repairs"] += 1
-                log.warning("job %s: accounting table %s: %s", job_id, r.action, "; ".join(r.problems) or "was gone")
+                log.warning("job %s: accounting counters %s: %s", job_id, r.action,
+                            "; ".join(r.problems) or "were gone")
             items.append((job_id, r.sampled_ns, False, self.meter.observe(job_id, r)))
         self.usage.add(items)
         self.stats["usage_samples"] += len(items)
@@ -419,11 +426,14 @@ class Agent:
 
     def _final_usage(self, ex: JobExitLike) -> None:
         """Kernel thread, at a job's end: its last counters into the spool as the final report. Read only (no
-        table is created or repaired now), after the job's orphan TCP sockets stopped sending (bounded)."""
+        counters are created or repaired now), after the job's orphan TCP sockets stopped sending (bounded)."""
         job_id = ex.job_id
         never_ran = ex.end_reason == "setup-failed" or ex.message == "stopped before it started"
         path = self.network.job_netns_path(job_id)
-        r = self.accounting.read({job_id: JobNet(path, None)}, drain_s=0.0 if never_ran else FINAL_DRAIN_S)[job_id]
+        try:
+            r = self.accounting.read({job_id: JobNet(path, None)}, drain_s=0.0 if never_ran else FINAL_DRAIN_S)[job_id]
+        finally:
+            self.accounting.release(job_id)
         if isinstance(r, AccountingError):
             last = self.meter.last(job_id)
             if last is None:
@@ -535,7 +545,7 @@ class Agent:
                 self._job_ended(JobExitLike(job.id, "setup-failed", 0, 0, msg))
                 continue
             if acct.action == "repaired":
-                log.warning("job %s: accounting table repaired before start: %s", job.id, "; ".join(acct.problems))
+                log.warning("job %s: accounting counters repaired before start: %s", job.id, "; ".join(acct.problems))
             t_launch = time.perf_counter()
             try:
                 pid = self.runtime.start_job(job, netns)
@@ -558,7 +568,9 @@ class Agent:
                 self.store.save_finished(set(self.finished))
         # Spare job namespaces for the next jobs (kernel/spares.py), now that this pass's jobs run.
         try:
-            self.network.refill_spares()
+            prefix = self.mac_prefix
+            self.network.refill_spares(
+                prepare=(lambda: self.accounting.prepare_here(prefix)) if prefix else None)
         except Exception:
             log.exception("making spare job network namespaces failed")
         self.stats["reconciles"] += 1

@@ -76,6 +76,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--usage-interval", type=float, default=10.0, metavar="SECONDS",
                    help="network accounting: read every job's traffic counters and queue a usage report for the "
                    "controller every SECONDS (default: %(default)s); a job's final totals are always read at its end")
+    p.add_argument("--accounting-hook", choices=["auto", "tcx", "tc"], default="auto",
+                   help="where each job's counting programs hang on its eth0: tcx (Linux 6.6+: the cheapest per "
+                   "frame, but each attach waits for an RCU grace period with the RTNL held, ~10 ms) or tc "
+                   "(a clsact qdisc with cls_bpf filters: any kernel, ~3x the per-frame cost); auto: tcx where "
+                   "the kernel has it (default: %(default)s). Counts move with the programs when this changes")
     p.add_argument("--spare-netns", type=int, default=2, metavar="N",
                    help="job network namespaces to keep made ahead (unshared, veth created) for the next jobs, "
                    "refilled after each pass; 0: make each one when its job comes (default: %(default)s)")
@@ -196,7 +201,17 @@ def main(argv: list[str] | None = None) -> int:
         underlay_ip=settings.underlay_ip,
         spare_namespaces=args.spare_netns,
     ))
-    agent = Agent(settings, runtime, network, setup_failed=(SetupFailed,))
+    from nodeagent.accounting import NetAccounting
+
+    try:
+        accounting = NetAccounting(hook=args.accounting_hook)
+    except (ValueError, OSError) as e:
+        log.error("network accounting: %s", e)
+        network.close()
+        runtime.close()
+        return 2
+    log.info("network accounting: BPF programs on each job's eth0, hook %s", accounting.hook)
+    agent = Agent(settings, runtime, network, accounting=accounting, setup_failed=(SetupFailed,))
     if args.metrics_listen:
         from nodeagent import metrics
 

@@ -1,8 +1,9 @@
 """From kernel readings to the cumulative totals reported for a job: never backwards.
 
-Normally a job's totals are its kernel counters as they are (they start at 0 with the table, before the
-job's first process, and only grow). Should the table have to be created again while the job runs
-(someone with root deleted it) or a counter go down (someone reset it), the totals continue from the last
+Normally a job's totals are its kernel counters as they are (they start at 0 with the map, before the
+job's first process, and only grow). Should the counters have to be created again while the job runs
+(someone with root detached the programs while the agent was down, or eth0 was deleted then) or a counter go
+down (someone wrote the map), the totals continue from the last
 value reported (a per-job base, persisted in the state dir): what was counted since the last sample before
 the loss is lost, and logged at ERROR, but the reported totals never decrease.
 """
@@ -14,8 +15,8 @@ import logging
 import threading
 from pathlib import Path
 
+from nodeagent.accounting.counters import Reading
 from nodeagent.accounting.rules import NetTotals
-from nodeagent.accounting.table import Reading
 from nodeagent.state import write_atomic
 
 log = logging.getLogger("jobnet.agent.accounting")
@@ -61,7 +62,7 @@ class UsageMeter:
                 self._save_locked()
                 log.error("job %s: its accounting counters were %s while it ran: traffic since the sample "
                           "before is lost; its totals continue from the last reported ones",
-                          job_id, "deleted (table created again)" if reading.action == "created" else "reset")
+                          job_id, "lost (created again)" if reading.action == "created" else "reset")
             self._last[job_id] = value
             return value
 

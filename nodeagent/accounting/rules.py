@@ -1,52 +1,45 @@
-"""The accounting table of a job's network namespace, as data (pure: no kernel, no I/O).
+"""What a job's counters count, as data (pure: no kernel, no I/O).
 
-    table netdev jn_acct
-      counters  tx_local tx_overlay tx_external rx_local rx_overlay rx_external
-      chain tx  hook egress  device eth0 priority 500   (after anything that could still drop the frame)
-        @ll,0,24  == <node prefix>  counter tx_local    accept     destination MAC 02:NN:NN: same node
-        @ll,0,8   == 0x02           counter tx_overlay  accept     another node's job
-                                    counter tx_external            broadcast, multicast, anything else
-      chain rx  hook ingress device eth0 priority -500  (before anything else sees the frame)
-        meta pkttype 3 (PACKET_OTHERHOST)               accept     unicast for another MAC (bridge flooding)
-        @ll,48,24 == <node prefix>  counter rx_local    accept     source MAC
-        @ll,48,8  == 0x02           counter rx_overlay  accept
-        @ll,48,8  != 0x02           counter rx_external            (needs a MAC header, see below)
+Six counters per job, each (bytes, packets), in KEYS order: tx_local tx_overlay tx_external rx_local
+rx_overlay rx_external. They are kept by the kernel in a per-CPU BPF array map, counted by two programs on
+the job's `eth0` (nodeagent/accounting/bpf.py has the instructions, counters.py installs them):
 
-What the kernel counts (skb->len, measured on kernel 6.18, tests/accounting): at the egress hook the frame
-with its 14-byte Ethernet header; at the ingress hook the frame WITHOUT it (the header is pulled before
-the hook). `frame_totals` adds 14 bytes per received packet, so both directions are frame bytes (what
-IFLA_STATS64 of eth0 counts). The looped-back copy of a broadcast/multicast the job sends itself
-(dev_loopback_xmit) passes the ingress hook of eth0 without crossing the device; it has no MAC header
-(mac_len 0), so every @ll match on it fails and no rx rule counts it (`meta pkttype` cannot tell it: nft
-reports such a copy's pkttype from its destination address, not as PACKET_LOOPBACK). So the receive side
-matches the device's own counters. Unicast frames for another
-MAC (PACKET_OTHERHOST: a bridge floods a frame whose destination it has not learned, e.g. to a job that
-has not sent anything for 5 minutes) do cross eth0 and are counted by the device, but the job's kernel
-drops them unread: they are noise, not the job's traffic, and are not charged to it.
+    tcx egress  (last on the hook: after anything that could still drop the frame)   "jn_acct_tx"
+        destination MAC starts with the node prefix 02:NN:NN -> tx_local     (a job on the same node)
+        destination MAC starts with 02                       -> tx_overlay   (another node's job)
+        anything else (broadcast, multicast, the gateway)    -> tx_external
+    tcx ingress (first on the hook: before anything else sees the frame)             "jn_acct_rx"
+        PACKET_OTHERHOST (unicast for another MAC, a bridge's flooding) and PACKET_LOOPBACK (the looped-back
+        copy of the job's own broadcast, which never crossed the device): not counted
+        source MAC: the same three classes into rx_local, rx_overlay, rx_external
 
-Every rule carries a comment that states its whole meaning (`jn-acct/<version> ...`, with the prefix):
-`problems` compares them, the hooks and priorities and the counters with what we want; a mismatch is
-repaired in ONE transaction that replaces the chains and keeps the counter objects (their values).
+What a byte is: skb->len at the tc hooks, which is the whole Ethernet frame with its 14-byte header in both
+directions (tc pushes the header back before an ingress program runs), the same bytes IFLA_STATS64 of eth0
+counts (measured on kernel 6.18, tests/accounting). A frame without a whole Ethernet header in its linear
+data is not counted (none of ours; a guard the verifier needs anyway).
+
+The programs carry their node prefix as immediates, so the kernel's tag of a program (a hash of its
+instructions, map references zeroed: SHA-1 before Linux 6.18, SHA-256 since) says whether it is exactly the
+program we load for this job: `expected_tags`. counters.py detaches anything else that carries our names.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from functools import cache
 
-TABLE = "jn_acct"
-FAMILY = "netdev"
+from nodeagent.accounting.bpf import program
+
 DEVICE = "eth0"
-VERSION = 1
-ETH_HLEN = 14
-PACKET_OTHERHOST = 3
-TX_PRIORITY = 500
-RX_PRIORITY = -500
+MAP_NAME = "jn_acct"
+PROG_NAMES = {"tx": "jn_acct_tx", "rx": "jn_acct_rx"}
 
 DIRECTIONS = ("tx", "rx")
 CLASSES = ("local", "overlay", "external")
 KEYS = tuple(f"{d}_{c}" for d in DIRECTIONS for c in CLASSES)  # counter names, the order of every tuple here
+BASE = {"tx": 0, "rx": len(CLASSES)}  # map key of each direction's first class (the keys are KEYS' indexes)
 
 
 @dataclass(frozen=True)
@@ -116,98 +109,14 @@ def mac_prefix(mac: str) -> int:
     return value
 
 
-def _prefix_text(prefix: int) -> str:
-    return ":".join(f"{(prefix >> s) & 0xFF:02x}" for s in (16, 8, 0))
+def mac_prefix_of(node_prefix: str) -> int:
+    """A node's "02:NN:NN" as a 24-bit number (ValueError unless it is one)."""
+    return mac_prefix(f"{node_prefix}:00:00:00")
 
 
-def _rules(prefix: int) -> dict[str, list[tuple[str, str]]]:
-    """chain -> [(rule body, comment)], in order."""
-    p = _prefix_text(prefix)
-    tag = f"jn-acct/{VERSION}"
-    return {
-        "tx": [
-            (f'@ll,0,24 0x{prefix:06x} counter name "tx_local" accept', f"{tag} tx local dst {p}"),
-            ('@ll,0,8 0x02 counter name "tx_overlay" accept', f"{tag} tx overlay dst 02 not {p}"),
-            ('counter name "tx_external"', f"{tag} tx external"),
-        ],
-        "rx": [
-            (f"meta pkttype {PACKET_OTHERHOST} accept", f"{tag} rx skip unicast for another host"),
-            (f'@ll,48,24 0x{prefix:06x} counter name "rx_local" accept', f"{tag} rx local src {p}"),
-            ('@ll,48,8 0x02 counter name "rx_overlay" accept', f"{tag} rx overlay src 02 not {p}"),
-            ('@ll,48,8 != 0x02 counter name "rx_external"', f"{tag} rx external src not 02, has a MAC header"),
-        ],
-    }
-
-
-CHAINS = {"tx": ("egress", TX_PRIORITY), "rx": ("ingress", RX_PRIORITY)}
-
-
-def _body(prefix: int) -> list[str]:
-    t = f"{FAMILY} {TABLE}"
-    cmds = [f"add counter {t} {k}" for k in KEYS]  # an existing counter is kept as it is (values too)
-    for chain, rules in _rules(prefix).items():
-        hook, prio = CHAINS[chain]
-        cmds.append(f'add chain {t} {chain} {{ type filter hook {hook} device "{DEVICE}" priority {prio}; '
-                    "policy accept; }")
-        cmds += [f'add rule {t} {chain} {body} comment "{comment}"' for body, comment in rules]
-    return cmds
-
-
-def create_commands(prefix: int) -> str:
-    """One transaction that creates the whole table; fails with EEXIST (changing nothing) if it exists."""
-    return "\n".join([f"create table {FAMILY} {TABLE}", *_body(prefix)]) + "\n"
-
-
-def repair_commands(listing: Sequence[dict[str, Any]], prefix: int) -> str:
-    """One transaction that replaces every chain of the existing table by ours and keeps the counters."""
-    t = f"{FAMILY} {TABLE}"
-    cmds = [f"add table {t}"]
-    for chain in sorted(_chains(listing)):
-        cmds += [f"flush chain {t} {chain}", f"delete chain {t} {chain}"]
-    return "\n".join(cmds + _body(prefix)) + "\n"
-
-
-def _chains(listing: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    return {o["chain"]["name"]: o["chain"] for o in listing if "chain" in o and o["chain"].get("table") == TABLE}
-
-
-def problems(listing: Sequence[dict[str, Any]], prefix: int) -> list[str]:
-    """What differs between the table in `listing` (JSON of `list table netdev jn_acct`) and ours."""
-    out: list[str] = []
-    have = {o["counter"]["name"] for o in listing if "counter" in o}
-    out += [f"counter {k} missing" for k in KEYS if k not in have]
-    chains = _chains(listing)
-    for name in sorted(set(chains) - set(CHAINS)):
-        out.append(f"unexpected chain {name}")
-    rules: dict[str, list[str]] = {name: [] for name in chains}
-    for o in listing:
-        if "rule" in o and o["rule"].get("chain") in rules:
-            rules[o["rule"]["chain"]].append(str(o["rule"].get("comment", "")))
-    for name, (hook, prio) in CHAINS.items():
-        c = chains.get(name)
-        if c is None:
-            out.append(f"chain {name} missing")
-            continue
-        if (c.get("type"), c.get("hook"), c.get("prio"), c.get("policy")) != ("filter", hook, prio, "accept"):
-            out.append(f"chain {name} is {c.get('type')} hook {c.get('hook')} priority {c.get('prio')} "
-                       f"policy {c.get('policy')}, not filter hook {hook} priority {prio} policy accept")
-        want = [comment for _, comment in _rules(prefix)[name]]
-        if rules[name] != want:
-            out.append(f"chain {name} rules {rules[name]} != {want}")
-    return out
-
-
-def raw_counters(listing: Iterable[dict[str, Any]]) -> dict[str, tuple[int, int]]:
-    """{counter name: (bytes, packets)} as the kernel holds them."""
-    out: dict[str, tuple[int, int]] = {}
-    for o in listing:
-        c = o.get("counter")
-        if c is not None and c.get("table") == TABLE and c.get("name") in KEYS:
-            out[c["name"]] = (int(c.get("bytes", 0)), int(c.get("packets", 0)))
-    return out
-
-
-def frame_totals(raw: dict[str, tuple[int, int]]) -> NetTotals:
-    """Kernel counters -> frame bytes: received packets were counted without their 14-byte header."""
-    fixed = {k: ((b + ETH_HLEN * p) if k.startswith("rx_") else b, p) for k, (b, p) in raw.items()}
-    return NetTotals.of(fixed)
+@cache
+def expected_tags(direction: str, prefix: int) -> frozenset[bytes]:
+    """The kernel tags our program for this direction and node prefix can have (kernel.tag is the first 8
+    bytes of SHA-1 or, since 6.18, SHA-256 of the instructions with map references zeroed)."""
+    insns = program(0, direction, prefix, BASE[direction])
+    return frozenset({hashlib.sha1(insns).digest()[:8], hashlib.sha256(insns).digest()[:8]})

@@ -639,3 +639,69 @@ def routes(sock: socket.socket, netns: str) -> list[RouteInfo]:
         oif = struct.unpack("=I", a[RTA_OIF])[0] if RTA_OIF in a else 0
         out.append(RouteInfo(table, dst_len, _ip(a.get(RTA_GATEWAY, b"")), oif))
     return out
+
+
+# ---------------------------------------------------------------------------------------------- tc (clsact, bpf)
+
+RTM_NEWQDISC, RTM_NEWTFILTER, RTM_DELTFILTER, RTM_GETTFILTER = 36, 44, 45, 46
+TCA_KIND, TCA_OPTIONS = 1, 2
+NLA_F_NESTED = 0x8000
+TCA_BPF_FD, TCA_BPF_NAME, TCA_BPF_FLAGS, TCA_BPF_ID = 6, 7, 8, 11
+TCA_BPF_FLAG_ACT_DIRECT = 1
+TC_H_CLSACT = 0xFFFFFFF1
+TC_PARENT = {"rx": 0xFFFFFFF2, "tx": 0xFFFFFFF3}  # TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_INGRESS / _EGRESS)
+ETH_P_ALL_BE = 0x0300  # htons(ETH_P_ALL)
+_TCMSG = struct.Struct("=BxxxiIII")
+
+
+def clsact_add(ifindex: int) -> Request:
+    """The clsact qdisc (where classic tc filters hang at ingress and egress); EEXIST when it is there."""
+    body = _TCMSG.pack(socket.AF_UNSPEC, ifindex, 0xFFFF0000, TC_H_CLSACT, 0) + _attr(TCA_KIND, _str("clsact"))
+    return Request("add clsact qdisc", f"ifindex {ifindex}", RTM_NEWQDISC, NLM_F_CREATE | NLM_F_EXCL, body)
+
+
+def bpf_filter_add(ifindex: int, direction: str, prio: int, prog_fd: int, name: str) -> Request:
+    """A cls_bpf direct-action filter running the program at the clsact hook of `direction`."""
+    opts = (_attr(TCA_BPF_FD, struct.pack("=I", prog_fd)) + _attr(TCA_BPF_NAME, _str(name))
+            + _attr(TCA_BPF_FLAGS, struct.pack("=I", TCA_BPF_FLAG_ACT_DIRECT)))
+    body = (_TCMSG.pack(socket.AF_UNSPEC, ifindex, 1, TC_PARENT[direction], (prio << 16) | ETH_P_ALL_BE)
+            + _attr(TCA_KIND, _str("bpf")) + _attr(TCA_OPTIONS | NLA_F_NESTED, opts))
+    return Request(f"add tc bpf filter {name}", f"ifindex {ifindex}", RTM_NEWTFILTER, NLM_F_CREATE | NLM_F_EXCL,
+                   body)
+
+
+def bpf_filter_del(ifindex: int, direction: str, handle: int, info: int) -> Request:
+    body = (_TCMSG.pack(socket.AF_UNSPEC, ifindex, handle, TC_PARENT[direction], info)
+            + _attr(TCA_KIND, _str("bpf")))
+    return Request("delete tc bpf filter", f"ifindex {ifindex}", RTM_DELTFILTER, 0, body)
+
+
+@dataclass(frozen=True)
+class BpfFilter:
+    handle: int
+    info: int        # (prio << 16) | protocol: what deletes it
+    prog_id: int
+    name: str
+
+
+def bpf_filters(sock: socket.socket, ifindex: int, direction: str, netns: str) -> list[BpfFilter]:
+    """The cls_bpf filters at the clsact hook of `direction` ([] when there is no clsact qdisc)."""
+    body = _TCMSG.pack(socket.AF_UNSPEC, ifindex, 0, TC_PARENT[direction], 0)
+    try:
+        msgs = _dump(sock, RTM_GETTFILTER, body, netns, f"tc filters of ifindex {ifindex}")
+    except KernelError as e:
+        if e.errno in (errno.EINVAL, errno.ENOENT, errno.EOPNOTSUPP):  # no clsact qdisc (no block to list)
+            return []
+        raise
+    out = []
+    for hdr, attrs in msgs:
+        opts = attrs.get(TCA_OPTIONS)
+        if attrs.get(TCA_KIND) != b"bpf\0" or opts is None:
+            continue
+        o = _attrs(opts, 0, len(opts))
+        if TCA_BPF_ID not in o:
+            continue  # the chain's own entry, not a filter
+        _f, _i, handle, _parent, info = _TCMSG.unpack(hdr)
+        name = o.get(TCA_BPF_NAME, b"").split(b"\0", 1)[0].decode(errors="replace")
+        out.append(BpfFilter(handle, info, u32(o[TCA_BPF_ID]), name))
+    return out

@@ -139,12 +139,13 @@ class NetworkReconciler:
             self._nl.close()
             self._ns.close()
 
-    def refill_spares(self, limit: int | None = None) -> int:
+    def refill_spares(self, limit: int | None = None, prepare: Callable[[], None] | None = None) -> int:
         """Make spare job network namespaces up to `NetSettings.spare_namespaces` (at most `limit` now); the
-        agent calls this when a pass is done. Returns how many were made."""
+        agent calls this when a pass is done. `prepare` runs inside each new one once its eth0 exists (see
+        spares.py). Returns how many were made."""
         if os.stat("/proc/thread-self/ns/net").st_ino != self._netns_ino:
             raise RuntimeError(f"refill_spares called from another network namespace than {self._label}")
-        return self._spares.refill(limit)
+        return self._spares.refill(limit, prepare)
 
     @property
     def spares(self) -> SparePool:

@@ -12,6 +12,10 @@ Taking one for a job (`take`): jnw<n> is renamed jnv<job> (a link can be renamed
 bind-mounted onto jnj-<job> and its own mount removed; the caller then sets eth0's MAC and MTU, brings it
 up, adds the address and the route, and attaches the host end to the group's bridge, as for a new one.
 
+`refill(prepare=fn)` runs fn inside each new spare's namespace after its eth0 exists: the agent installs the
+job's network accounting there ahead of time (its BPF programs, whose attach costs RCU grace periods). A
+failing `prepare` is logged and the spare kept without it (the job's own set-up does that work then).
+
 Nothing here is a job's until taken: a spare is never seen by observation (its file is not jnj-*, its link
 not jnv*). `clean` removes every spare file and jnw* link in the agent's namespace (at start: those a
 killed agent left; at close: ours). The pool is refilled by `refill`, which the agent calls after a pass;
@@ -24,6 +28,7 @@ import contextlib
 import logging
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,13 +79,13 @@ class SparePool:
         self.taken += 1
         return self._spares.pop(0)
 
-    def refill(self, limit: int | None = None) -> int:
+    def refill(self, limit: int | None = None, prepare: Callable[[], None] | None = None) -> int:
         """Make spares until there are `size` (at most `limit` now); returns how many were made. A failure
         is logged and ends the refill (the next job is then made the cold way)."""
         made = 0
         while len(self._spares) < self.size and (limit is None or made < limit):
             try:
-                self._spares.append(self._make())
+                self._spares.append(self._make(prepare))
             except (KernelError, OSError) as e:
                 log.warning("could not make a spare job network namespace: %s", e)
                 break
@@ -88,7 +93,7 @@ class SparePool:
         self.made += made
         return made
 
-    def _make(self) -> Spare:
+    def _make(self, prepare: Callable[[], None] | None = None) -> Spare:
         n = self._next
         self._next += 1
         path = self.netns_dir / f"{SPARE_FILE_PREFIX}{n}"
@@ -107,6 +112,12 @@ class SparePool:
             except BaseException:
                 sock.close()
                 raise
+            if prepare is not None:
+                try:
+                    prepare()
+                except Exception as e:  # the spare is still good: the job's own set-up does it then
+                    log.warning("spare job namespace %s: preparing it failed (done at the job's start "
+                                "instead): %s", path.name, e)
 
         with contextlib.suppress(FileNotFoundError):  # (a file of an earlier run with this number)
             self.ns.remove(path)

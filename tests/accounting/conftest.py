@@ -3,7 +3,8 @@ tests: a "switch" namespace <p>-sw with bridge jnabr, and per job a namespace <p
 end of a veth (the other end, jnav<i>, is a bridge port). IPv6 is off everywhere before any link exists
 and every job has permanent neighbour entries for the others (no ARP) and a static FDB entry on its bridge
 port (no unknown-unicast flooding; test_flooding removes one): traffic is only what a test sends.
-Torn down even on failure (deleting the namespaces removes every link and table in them).
+Torn down even on failure (deleting the namespaces removes every link in them, and with it the counting
+programs; the maps go with the last program and the last fd the test's NetAccounting held).
 
 Sockets are made by `Topo.run(job, fn)`: fn runs on a worker thread inside the job's namespace (a socket
 belongs to the namespace it was created in), the test process itself never changes namespace.
@@ -44,6 +45,7 @@ class Topo:
     mtu: int = 1500
     ns: Namespaces = field(default_factory=lambda: Namespaces("test"))
     acct: NetAccounting | None = None
+    hook: str = "tcx"
 
     def netns(self, job: str) -> Path:
         return NETNS_RUN / f"{self.prefix}-{job}"
@@ -85,7 +87,7 @@ class Topo:
                         if peer is not j:
                             ipr.neigh("add", dst=peer.ip, lladdr=peer.mac, ifindex=e, state=0x80)  # permanent
             self.run(j.name, configure)
-        self.acct = NetAccounting(self.ns)
+        self.acct = NetAccounting(self.ns, hook=self.hook)
 
     def down(self) -> None:
         from pyroute2 import netns
@@ -196,17 +198,27 @@ def _jobs() -> dict[str, Job]:
     }
 
 
-@pytest.fixture(scope="module")
-def topo() -> Iterator[Topo]:
+def hooks_here() -> list[str]:
+    """Both places the counting programs can hang where the kernel has tcx (6.6+), else classic tc only."""
+    from nodeagent.accounting.hooks import tcx_supported
+
+    return ["tcx", "tc"] if os.geteuid() == 0 and tcx_supported() else ["tc"]
+
+
+@pytest.fixture(scope="module", params=hooks_here())
+def topo(request: pytest.FixtureRequest) -> Iterator[Topo]:
+    """The whole module runs once per hook (tcx and classic tc): the same bytes either way."""
     if os.geteuid() != 0:
         pytest.skip("needs root")
-    t = Topo(f"jna{os.getpid() % 100000}", _jobs())
+    t = Topo(f"jna{request.param}{os.getpid() % 10000}", _jobs(), hook=request.param)
     try:
         t.up()
         t.install()
         yield t
     finally:
         t.down()
+        if t.acct is not None:
+            t.acct.close()
         t.ns.close()
 
 

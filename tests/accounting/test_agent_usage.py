@@ -6,7 +6,7 @@ delivery keeps the spool on UNIMPLEMENTED/UNAVAILABLE, acknowledges per batch, d
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +68,7 @@ class FakeNetwork:
     def job_netns_path(self, job_id: str) -> Path:
         return Path("/nonexistent/jnj-" + job_id)
 
-    def refill_spares(self, limit: int | None = None) -> int:
+    def refill_spares(self, limit: int | None = None, prepare: Callable[[], None] | None = None) -> int:
         return 0
 
     def close(self) -> None: ...
@@ -79,6 +79,8 @@ class FakeAccounting:
         self.log = log
         self.counts: dict[str, int] = {}
         self.fail_ensure: dict[str, str] = {}
+        self.released: list[str] = []
+        self.retained: set[str] | None = None
 
     def ensure(self, job_id: str, netns: Path, mac: str) -> Reading:
         self.log.append(f"ensure {job_id} {mac}")
@@ -92,12 +94,21 @@ class FakeAccounting:
         for j, net in jobs.items():
             self.log.append(f"read {j} {'final' if net.mac is None else 'sample'}")
             if j not in self.counts:
-                out[j] = AccountingError("no table netdev jn_acct in the job's network namespace")
+                out[j] = AccountingError("no accounting programs on eth0 in the job's network namespace")
                 continue
             self.counts[j] += 1000
             n = self.counts[j]
             out[j] = Reading(NetTotals((n, 0, 0, n // 2, 0, 0), (n // 100, 0, 0, n // 200, 0, 0)), 1, "ok")
         return out
+
+    def release(self, job_id: str) -> None:
+        self.released.append(job_id)
+
+    def prepare_here(self, mac_prefix: str) -> None:
+        self.log.append(f"prepare {mac_prefix}")
+
+    def retain(self, job_ids: Iterable[str]) -> None:
+        self.retained = set(job_ids)
 
     def close(self) -> None: ...
 
@@ -161,34 +172,38 @@ def desired(*jobs: LocalJob) -> DesiredState:
 def test_table_before_first_process_and_failure_is_setup_failed(agent: Any) -> None:
     a, log, _rt, acct, _ = agent
     j1, j2 = job(1), job(2)
-    acct.fail_ensure[j2.id] = "nft 'create table netdev jn_acct': Operation not permitted"
+    acct.fail_ensure[j2.id] = "loading the BPF program jn_acct_tx: Operation not permitted"
     a._reconcile_sync(desired(j1, j2), True)
     assert log.index(f"ensure {j1.id} {j1.mac}") < log.index(f"start {j1.id}")
     assert f"start {j2.id}" not in log
     ended = [i for i in a.outbox.pending() if i["job_id"] == j2.id]
     assert ended[0]["state"] == pb.JOB_STATE_FINISHED and ended[0]["end_reason"] == pb.END_REASON_SETUP_FAILED
-    assert ended[0]["message"] == "setup-failed: accounting: nft 'create table netdev jn_acct': Operation not permitted"
+    assert ended[0]["message"] == ("setup-failed: accounting: loading the BPF program jn_acct_tx: "
+                                   "Operation not permitted")
     assert j2.id in a.finished
     assert not [r for r in a.usage.pending() if r.job_id == j2.id], "a job that never ran has no usage report"
 
 
 def test_samples_then_final_before_the_status(agent: Any) -> None:
-    a, log, rt, _acct, _ = agent
+    a, log, rt, acct, _ = agent
     j1 = job(1)
     a.desired = desired(j1)
     a._reconcile_sync(a.desired, True)
     a._sample_usage_sync()
     a._sample_usage_sync()
+    assert acct.retained == {j1.id} and not acct.released, "a live job's counters stay held"
     rt.exits.append(JobExitLike(j1.id, "exited", 0, 0, ""))
     log.clear()
     a._poll_sync()
     assert log == [f"read {j1.id} final", f"spool {j1.id} final", f"outbox {j1.id} {pb.JOB_STATE_FINISHED}"]
+    assert acct.released == [j1.id], "the map is let go after the final reading"
     recs = a.usage.pending()
     assert [r.final for r in recs] == [False, False, True]
     assert [r.totals.get("tx_local")[0] for r in recs] == [1000, 2000, 3000], "cumulative, increasing"
     assert [r.seq for r in recs] == sorted(r.seq for r in recs)
     a._sample_usage_sync()  # the ended job is not sampled again
     assert len(a.usage.pending()) == 3
+    assert acct.retained == set()
     # a second end report of the same job (a restart) changes nothing
     a._job_ended(JobExitLike(j1.id, "exited", 0, 0, ""))
     assert len(a.usage.pending()) == 3

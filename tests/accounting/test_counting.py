@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from nodeagent.accounting import JobNet, NetTotals
-from nodeagent.accounting.nft import Nft
-from nodeagent.accounting.rules import KEYS
+from nodeagent.accounting import AccountingError, JobNet, NetAccounting, NetTotals, bpf
+from nodeagent.accounting.hooks import KINDS, Hooks, tcx_supported
+from nodeagent.accounting.rules import BASE, KEYS, PROG_NAMES
 from nodeagent.kernel.namespaces import write_sysctl
 from tests.accounting.conftest import IPV6_OFF, Topo, frag_count
 
@@ -215,44 +215,89 @@ def test_orphan_tcp_data_is_in_the_final_reading(topo: Topo) -> None:
     cap.close()
 
 
-def test_job_cannot_touch_its_table(topo: Topo) -> None:
-    """An unprivileged process in the job's namespace (uid 65534, no capabilities) cannot change the table."""
-    # plain ctypes on libnftables (the test's own oracle), run by the system python as nobody
-    code = ("import ctypes\n"
-            "lib = ctypes.CDLL('libnftables.so.1'); lib.nft_ctx_new.restype = ctypes.c_void_p\n"
-            "lib.nft_ctx_get_error_buffer.restype = ctypes.c_char_p\n"
-            "for cmd in (b'delete table netdev jn_acct', b'reset counters table netdev jn_acct', "
-            "b'flush chain netdev jn_acct tx'):\n"
-            "    ctx = ctypes.c_void_p(lib.nft_ctx_new(0)); lib.nft_ctx_buffer_error(ctx)\n"
-            "    rc = lib.nft_run_cmd_from_buffer(ctx, cmd)\n"
-            "    print('CHANGED' if rc == 0 else 'refused', cmd, lib.nft_ctx_get_error_buffer(ctx))\n")
+def test_job_cannot_touch_its_counters(topo: Topo) -> None:
+    """An unprivileged process in the job's namespace (uid 65534, no capabilities) can neither see nor change
+    the counting programs and their map: bpf() refuses it, and so does rtnetlink (tc)."""
+    # plain ctypes and a raw netlink socket (the test's own oracle), run by the system python as nobody
+    code = ("import ctypes, os, socket, struct\n"
+            "libc = ctypes.CDLL(None, use_errno=True)\n"
+            "def bpf(cmd, attr):\n"
+            "    buf = ctypes.create_string_buffer(attr, 128)\n"
+            "    r = libc.syscall(321, cmd, buf, 128)\n"
+            "    print('CHANGED' if r >= 0 else 'refused', cmd, os.strerror(ctypes.get_errno()))\n"
+            "idx = socket.if_nametoindex('eth0')\n"
+            "bpf(16, struct.pack('=II', idx, 47))\n"              # BPF_PROG_QUERY tcx egress
+            "bpf(13, struct.pack('=I', 1))\n"                     # BPF_PROG_GET_FD_BY_ID
+            "bpf(14, struct.pack('=I', 1))\n"                     # BPF_MAP_GET_FD_BY_ID
+            "s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)\n"
+            "kind = b'clsact\\0\\0'\n"                            # RTM_DELQDISC clsact
+            "body = struct.pack('=BxxxiIII', 0, idx, 0xFFFF0000, 0xFFFFFFF1, 0) + struct.pack('=HH', 11, 1) + kind\n"
+            "s.send(struct.pack('=IHHII', 16 + len(body), 37, 5, 1, 0) + body)\n"
+            "err = struct.unpack_from('=i', s.recv(4096), 16)[0]\n"
+            "print('CHANGED' if err == 0 else 'refused', 'tc', os.strerror(-err))\n")
     p = subprocess.run(["nsenter", f"--net={topo.netns('a')}", "-S", "65534", "-G", "65534", "/usr/bin/python3", "-c",
                         code], capture_output=True, text=True, cwd="/", timeout=30)
     assert p.returncode == 0, p.stderr
-    assert "CHANGED" not in p.stdout and p.stdout.count("refused") == 3, p.stdout
+    assert "CHANGED" not in p.stdout and p.stdout.count("refused") == 4, p.stdout
     assert "Operation not permitted" in p.stdout
     assert topo.acct is not None
     r = topo.acct.read({"a": JobNet(topo.netns("a"), topo.jobs["a"].mac)})["a"]
     assert not isinstance(r, Exception) and r.action == "ok"
 
 
+def _programs(topo: Topo, job: str) -> dict[str, list[bpf.ProgInfo]]:
+    """{direction: our programs on the job's eth0}, on either hook."""
+    def work() -> dict[str, list[bpf.ProgInfo]]:
+        idx = socket.if_nametoindex("eth0")
+        out: dict[str, list[bpf.ProgInfo]] = {}
+        with Hooks() as hooks:
+            for d, name in PROG_NAMES.items():
+                progs = [p for k in KINDS for p in hooks.programs(k, idx, d)]
+                out[d] = [p.info for p in progs if p.info.name == name]
+                for p in progs:
+                    os.close(p.fd)
+        return out
+    return topo.run(job, work)
+
+
 def test_repair_keeps_the_counts(topo: Topo) -> None:
-    """A chain deleted or changed by hand (root on the host) is put back in one transaction by the next
-    read; the counter objects, with their values, are kept."""
+    """A program detached by hand (root on the host) or replaced by another one under our name is put right
+    by the next read: ours again, counting into the same map, whose values are kept."""
     assert topo.acct is not None
     acct = topo.acct
     before = topo.counters("b")["b"]
     assert before.total_bytes > 0
-    acct.run_in(topo.netns("b"), lambda nft: nft.run(
-        "flush chain netdev jn_acct rx\ndelete chain netdev jn_acct rx\n"
-        "add rule netdev jn_acct tx counter comment \"someone's\""))
+    progs = _programs(topo, "b")
+    assert [len(progs["tx"]), len(progs["rx"])] == [1, 1]
+    map_id = progs["rx"][0].map_ids[0]
+
+    def tamper() -> None:
+        idx = socket.if_nametoindex("eth0")
+        with Hooks() as hooks:
+            for d in ("rx", "tx"):
+                for p in hooks.programs(topo.hook, idx, d):
+                    hooks.detach(idx, p, d)
+                    os.close(p.fd)
+            # an impostor under our name: counts every frame it sees as another node's (wrong prefix)
+            m = bpf.map_fd_by_id(map_id)
+            fd = bpf.prog_load_sched_cls("jn_acct_tx", bpf.program(m, "tx", 0x02FFFF, BASE["tx"]))
+            hooks.attach(topo.hook, idx, fd, "tx", "jn_acct_tx")
+            os.close(fd)
+            os.close(m)
+
+    topo.run("b", tamper)
     r = acct.read({"b": JobNet(topo.netns("b"), topo.jobs["b"].mac)})["b"]
     assert not isinstance(r, Exception)
-    assert r.action == "repaired" and any("chain rx missing" in p for p in r.problems), r.problems
+    assert r.action == "repaired", r
+    assert any("rx: program jn_acct_rx was not on eth0" in p for p in r.problems), r.problems
+    assert any("not the program we load" in p for p in r.problems), r.problems
     assert r.totals == before
     again = acct.read({"b": JobNet(topo.netns("b"), topo.jobs["b"].mac)})["b"]
     assert not isinstance(again, Exception) and again.action == "ok" and again.totals == before
-    # and it counts again
+    progs = _programs(topo, "b")
+    assert [len(progs["tx"]), len(progs["rx"])] == [1, 1], "exactly one of ours per direction"
+    assert all(p.map_ids == (map_id,) for ps in progs.values() for p in ps), "the same map: the counts are kept"
+    # and it counts again, in the right class
     rx = topo.udp_socket("b", 9998)
     tx = topo.udp_socket("a")
     rx.settimeout(5)
@@ -263,20 +308,48 @@ def test_repair_keeps_the_counts(topo: Topo) -> None:
     assert topo.counters("b")["b"] - before == only(rx_local=(142, 1))
 
 
-def test_ensure_is_idempotent_and_the_table_outlives_its_device(topo: Topo) -> None:
-    """ensure() twice changes nothing; a table installed before eth0 exists (or kept while eth0 is deleted
-    and made again, as a network repair does) counts on the new eth0 (netdev chains bind by name, 6.16+)."""
+def test_a_restarted_agent_finds_the_counters(topo: Topo) -> None:
+    """A new NetAccounting (an agent after SIGKILL) finds each job's map through its programs: same totals,
+    nothing created. And programs left on the other hook (the agent's --accounting-hook changed) are moved,
+    the counts kept: never both (that would count twice)."""
+    assert topo.acct is not None
+    before = topo.counters("a")["a"]
+    fresh = NetAccounting(topo.ns, hook=topo.hook)
+    try:
+        r = fresh.read({"a": JobNet(topo.netns("a"), topo.jobs["a"].mac)})["a"]
+        assert not isinstance(r, Exception) and r.action == "ok" and r.totals == before
+    finally:
+        fresh.close()
+    other = [k for k in KINDS if k != topo.hook]
+    if other and (other[0] == "tc" or tcx_supported()):
+        moved = NetAccounting(topo.ns, hook=other[0])
+        try:
+            r = moved.read({"a": JobNet(topo.netns("a"), topo.jobs["a"].mac)})["a"]
+            assert not isinstance(r, Exception) and r.action == "repaired" and r.totals == before, r
+            assert sum("on the other hook" in p for p in r.problems) == 2, r.problems
+        finally:
+            moved.close()
+        back = topo.acct.read({"a": JobNet(topo.netns("a"), topo.jobs["a"].mac)})["a"]
+        assert not isinstance(back, Exception) and back.action == "repaired" and back.totals == before
+        progs = _programs(topo, "a")
+        assert [len(progs["tx"]), len(progs["rx"])] == [1, 1]
+
+
+def test_counts_survive_the_device_being_made_again(topo: Topo) -> None:
+    """ensure() twice changes nothing. When eth0 is deleted and made again (as a network repair does), its
+    programs go with it; the agent still holds the map, so the next ensure puts them back on the new eth0
+    counting on from where they were."""
     from pyroute2 import IPRoute, netns
 
     assert topo.acct is not None
     name = f"{topo.prefix}-e"
     netns.create(name)
     path = Path("/run/netns") / name
+    mac = "02:00:01:0e:00:0e"
     try:
         topo.ns.run_in(path, lambda: [write_sysctl(k, v, "test") for k, v in IPV6_OFF.items()])
-        mac = "02:00:01:0e:00:0e"
-        assert topo.acct.ensure("e", path, mac).action == "created"
-        assert topo.acct.ensure("e", path, mac).action == "ok"
+        with pytest.raises(AccountingError, match="no eth0"):
+            topo.acct.ensure("e", path, mac)
 
         def make_eth0() -> None:
             with IPRoute() as ipr:
@@ -296,30 +369,49 @@ def test_ensure_is_idempotent_and_the_table_outlives_its_device(topo: Topo) -> N
                 ipr.link("del", index=ipr.link_lookup(ifname="eth0")[0])
 
         topo.ns.run_in(path, make_eth0)
+        assert topo.acct.ensure("e", path, mac).action == "created"
+        assert topo.acct.ensure("e", path, mac).action == "ok"
         topo.ns.run_in(path, send)
         topo.ns.run_in(path, drop_eth0)
         topo.ns.run_in(path, make_eth0)
+        r = topo.acct.ensure("e", path, mac)
+        assert r.action == "repaired" and r.totals == only(tx_local=(52, 1)), r
         topo.ns.run_in(path, send)
         r = topo.acct.read({"e": JobNet(path, mac)})["e"]
         assert not isinstance(r, Exception) and r.action == "ok"
         assert r.totals == only(tx_local=(2 * 52, 2))
     finally:
+        topo.acct.release("e")
         with contextlib.suppress(OSError):
             netns.remove(name)
 
 
-def test_final_read_never_creates_a_table(topo: Topo) -> None:
-    from pyroute2 import netns
+def test_final_read_never_creates_counters(topo: Topo) -> None:
+    from pyroute2 import IPRoute, netns
 
     assert topo.acct is not None
     name = f"{topo.prefix}-f"
     netns.create(name)
     try:
         path = Path("/run/netns") / name
+
+        def make_eth0() -> None:
+            with IPRoute() as ipr:
+                ipr.link("add", ifname="eth0", kind="veth", peer={"ifname": "jnaf1"})
+
+        topo.ns.run_in(path, make_eth0)
         r = topo.acct.read({"f": JobNet(path, None)})["f"]
-        assert isinstance(r, Exception) and "no table" in str(r)
-        with pytest.raises(Exception, match="No such file"):
-            topo.acct.run_in(path, lambda nft: Nft.run(nft, "list table netdev jn_acct"))
+        assert isinstance(r, Exception) and "no accounting programs" in str(r)
+        def ours() -> int:
+            idx = socket.if_nametoindex("eth0")
+            with Hooks() as hooks:
+                progs = [p for k in KINDS for d in PROG_NAMES for p in hooks.programs(k, idx, d)]
+                for p in progs:
+                    os.close(p.fd)
+            return len(progs)
+
+        assert topo.ns.run_in(path, ours) == 0, "a final read attaches nothing"
+        assert topo.acct.held == len(topo.jobs), "nothing held for it"
         gone = topo.acct.read({"g": JobNet(Path("/run/netns") / f"{topo.prefix}-nope", None)})["g"]
         assert isinstance(gone, Exception) and "cannot enter" in str(gone)
     finally:

@@ -1,5 +1,6 @@
-"""Reported totals never go backwards: a job's table made again (deleted by hand) or counters reset while
-it runs continue from the last reported totals (the loss since the last sample is logged, not hidden)."""
+"""Reported totals never go backwards: a job's counters made again (lost while the agent was down) or
+counters reset while it runs continue from the last reported totals (the loss since the last sample is logged,
+not hidden)."""
 
 from __future__ import annotations
 
@@ -22,12 +23,12 @@ def test_normal_readings_pass_through(tmp_path: Path) -> None:
     assert not (tmp_path / "bases.json").exists()
 
 
-def test_recreated_table_continues_from_the_last_report(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_recreated_counters_continue_from_the_last_report(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     m = UsageMeter(tmp_path / "bases.json")
     m.observe("j", Reading(t(1000), 1, "ok"))
     with caplog.at_level(logging.ERROR):
         assert m.observe("j", Reading(NetTotals(), 2, "created")) == t(1000)
-    assert "deleted" in caplog.text
+    assert "lost (created again)" in caplog.text
     assert m.observe("j", Reading(t(30), 3, "ok")) == t(1030)
     again = UsageMeter(tmp_path / "bases.json")  # a restarted agent keeps the base
     assert again.observe("j", Reading(t(40), 4, "ok")) == t(1040)

@@ -101,3 +101,35 @@ def test_jobs_made_from_spares_are_like_jobs_made_anew_and_spares_are_never_jobs
     n1.call(n1.rec.refill_spares)  # type: ignore[union-attr]
     n1.stop()
     assert spare_files(n1) == set() and spare_links(n1) == set()
+
+
+def test_spares_carry_the_next_jobs_accounting_programs(world: World) -> None:
+    """`refill(prepare=...)` as the agent calls it: each spare gets this node's counting programs ahead of time
+    (their tcx attach waits for RCU grace periods), so a job taking it finds its counters in place, at zero,
+    and counting. A failing prepare leaves the spare usable (the job's own ensure does the work then)."""
+    from nodeagent.accounting import JobNet, NetAccounting
+
+    j = populate(world)
+    n1 = world.nodes["n1"]
+    rec = n1.rec
+    assert rec is not None
+    acct = n1.call(lambda: NetAccounting())
+    try:
+        assert n1.call(lambda: rec.refill_spares(prepare=lambda: acct.prepare_here("02:00:00"))) == 2
+        world.reconcile_all(full=True)  # two of n1's three jobs take the spares
+        assert rec.spares.taken == 2
+        got = {job_id: n1.call(lambda job_id=job_id, mac=job.mac: acct.ensure(job_id, n1.job_ns(job_id), mac))
+               for job_id, (_g, job) in n1.jobs.items()}
+        assert sorted(r.action for r in got.values()) == ["created", "ok", "ok"], got
+        assert all(r.totals.total_bytes == 0 and not r.problems for r in got.values())
+        assert ping_ok(n1, j["a1"].id, j["a2"].ip)
+        r = n1.call(lambda: acct.read({j["a1"].id: JobNet(n1.job_ns(j["a1"].id), j["a1"].mac)}))[j["a1"].id]
+        assert not isinstance(r, Exception) and r.action == "ok"
+        assert r.totals.get("tx_local")[1] >= 1, r.totals  # the ping went to a job on the same node
+
+        def fail() -> None:
+            raise OSError(1, "Operation not permitted")
+
+        assert n1.call(lambda: rec.refill_spares(prepare=fail)) == 2, "spares are made all the same"
+    finally:
+        n1.call(acct.close)

@@ -1,11 +1,14 @@
 """Runs last (directory order): after the whole suite, nothing the project or its tests created is left
-on the machine: no network namespace, link, nft table or cgroup with the project's prefix `jn`."""
+on the machine: no network namespace, link, nft table or cgroup with the project's prefix `jn`, and no
+accounting BPF program (they go with their job's eth0, when its namespace is destroyed: asynchronously, so
+the check waits a little)."""
 
 from __future__ import annotations
 
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -31,5 +34,12 @@ def test_no_namespaces_links_nft_tables_or_cgroups_left() -> None:
     root = Path("/sys/fs/cgroup")
     for hier in [root, *[p for p in root.iterdir() if p.is_dir()]]:
         cgroups += [str(hier / n) for n in _ours([p.name for p in hier.iterdir() if p.is_dir()])]
-    left = {"netns": netns, "links": links, "nft tables": tables, "cgroups": cgroups}
+    from nodeagent.accounting import bpf
+    from nodeagent.accounting.rules import PROG_NAMES
+
+    deadline = time.monotonic() + 10
+    while (progs := bpf.loaded_programs(tuple(PROG_NAMES.values()))) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = {"netns": netns, "links": links, "nft tables": tables, "cgroups": cgroups,
+            "bpf programs": [f"{p.name} id {p.id}" for p in progs]}
     assert not any(left.values()), f"left behind after the suite: {left}"

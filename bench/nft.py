@@ -1,7 +1,7 @@
 """libnftables, in-process, through ctypes (no `nft` process is ever started).
 
 A context's netlink socket is opened by `nft_ctx_new` and stays bound to the network namespace of the
-thread that created it: make an `Nft` inside the namespace it is for (see `nodeagent.accounting.table`),
+thread that created it: make an `Nft` inside the namespace it is for (bench.accounting enters job namespaces for it),
 use it there, close it before leaving. Output is JSON (NFT_CTX_OUTPUT_JSON, what `nft -j` prints).
 """
 
