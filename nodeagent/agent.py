@@ -38,6 +38,7 @@ from nodeagent.accounting import AccountingError, JobNet, NetAccounting, Reading
 from nodeagent.accounting.report import to_report
 from nodeagent.config import AgentSettings
 from nodeagent.desired import DesiredState, LocalJob, StaleDelta
+from nodeagent.kernel.steps import ConfigureJob, CreateJobNetwork, Step
 from nodeagent.logs import NodeAgentService
 from nodeagent.metrics import AgentMetrics
 from nodeagent.outbox import Outbox
@@ -500,6 +501,22 @@ class Agent:
         for ex in exits:
             self._job_ended(ex)
 
+    def _recount_remade(self, desired: DesiredState, steps: list[Step], running: set[str]) -> None:
+        """A running job whose eth0 this pass made again lost its counting programs with the old device: put
+        them back now, onto the same map (the counts go on), rather than at the next sample."""
+        remade = {s.job.job_id for s in steps
+                  if isinstance(s, CreateJobNetwork) or (isinstance(s, ConfigureJob) and s.recreate_veth)}
+        for job_id in sorted(remade & running):
+            job = desired.jobs.get(job_id)
+            if job is None:
+                continue
+            try:
+                r = self.accounting.ensure(job_id, self.network.job_netns_path(job_id), job.mac)
+                log.warning("job %s: eth0 made again: accounting counters %s (%s)", job_id, r.action,
+                            "; ".join(r.problems) or "nothing to do")
+            except AccountingError as e:
+                log.error("job %s: eth0 made again, its accounting counters could not be put back: %s", job_id, e)
+
     def _reconcile_sync(self, desired: DesiredState, full: bool) -> None:
         """One pass. Order: stop what must not run, fix the network, start what must run, clean up."""
         t0 = time.perf_counter()
@@ -528,6 +545,7 @@ class Agent:
                      ", ".join(sorted({type(s).__name__ for s in steps})))
         elif steps:
             log.info("reconcile of revision %d: %d step(s)", desired.revision, len(steps))
+        self._recount_remade(desired, steps, set(running) - set(doomed))
         for job in desired.jobs.values():
             if job.id in running or job.id in self.finished:
                 continue

@@ -60,10 +60,12 @@ class FakeRuntime:
 class FakeNetwork:
     def __init__(self, log: Log | None = None) -> None:
         self.log = log if log is not None else Log()
+        self.next_steps: list[Any] = []  # what the next reconcile reports it did
 
     def reconcile(self, desired: DesiredState, full: bool = False) -> list[Any]:
         self.log.append("network reconcile")
-        return []
+        steps, self.next_steps = self.next_steps, []
+        return steps
 
     def job_netns_path(self, job_id: str) -> Path:
         return Path("/nonexistent/jnj-" + job_id)
@@ -305,3 +307,22 @@ def test_packed_counters_once_the_controller_reads_them(agent: Any) -> None:
     stub.reads_counters = False
     send()
     assert send().HasField("net"), "an older controller again: the nested form"
+
+
+def test_counting_goes_back_on_a_remade_eth0_in_the_same_pass(agent: Any) -> None:
+    """A pass that made a running job's eth0 again (its programs went with the old device) puts the counters
+    back at once: the job's ensure runs right after the network reconcile, not at the next sample."""
+    from nodeagent.kernel.steps import ConfigureJob, JobNetSpec, SetJobPort
+
+    a, log, _rt, _acct, _ = agent
+    j1, j2 = job(1), job(2)
+    a._reconcile_sync(desired(j1, j2), True)
+
+    def spec(j: LocalJob) -> JobNetSpec:
+        return JobNetSpec(j.id, f"jnj-{j.id}", f"jnv{j.id}", "jnb7", j.mac, j.ip, 24, "10.9.0.1", 1450)
+
+    a.network.next_steps = [ConfigureJob(spec(j1), recreate_veth=True), SetJobPort(spec(j2))]
+    log.clear()
+    a._reconcile_sync(desired(j1, j2), False)
+    assert log[:2] == ["network reconcile", f"ensure {j1.id} {j1.mac}"], log
+    assert f"ensure {j2.id} {j2.mac}" not in log, "a port fix leaves eth0 (and its programs) alone"

@@ -118,11 +118,13 @@ def test_nothing_left_on_the_nodes_after_jobs_end(lab: Lab, grp: str) -> None:
 
 
 def _cgroups_of(lab: Lab, node: str) -> list[str]:
+    """The node's job cgroups (not its warm slots) in every hierarchy. The agent may be removing some while
+    we look: a directory that goes during the walk is gone, not an error."""
     found = []
     for hier in ["/sys/fs/cgroup", *[str(p) for p in Path("/sys/fs/cgroup").iterdir()]]:
         top = Path(hier) / lab.cgroup_parent(node)
-        if top.is_dir():
-            found += [str(p) for p in top.rglob("jn-*") if p.is_dir() and not p.name.startswith("jn-w")]
+        for dirpath, dirnames, _files in os.walk(top):  # (os.walk skips what vanishes; rglob raises)
+            found += [os.path.join(dirpath, d) for d in dirnames if d.startswith("jn-") and not d.startswith("jn-w")]
     return found
 
 
