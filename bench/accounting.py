@@ -1,22 +1,27 @@
-"""Network accounting costs (issue 4): setting a job's table up, reading N jobs' counters, final reads, the
-spool's durable append, and the packet path with and without the table.
+"""Network accounting costs (issue 4): setting a job's counters up (both hooks), reading N jobs' counters, final
+reads, the spool's durable append, and the packet path with and without the counters.
 
     python -m bench.accounting [--jobs 200] [--rounds 5] [--pairs 10] [--seconds 3] [--no-overlay]
-                               [--variants on[,tx,rx,hooks,...]|all] [--profile] [--no-offload]
+                               [--variants on[,tc,nft,...]|all] [--profile [--profile-runs N]] [--no-offload]
+                               [--concurrent PAIRS [--concurrent-ab on,off/off,off]]
 
-Packet path: iperf3 (`-J`, one TCP stream) from one job's namespace to another's, with the accounting tables
-(`on`: both jobs' tables exactly as the agent installs them) and without (`off`: no table), in the same run:
-`--pairs` A/B pairs of `--seconds` each, the order alternating (off,on / on,off / ...: ABBA, so drift from
-other work on a shared machine cancels), the ratio on/off of each pair, their median and spread. Two paths:
+Packet path: iperf3 (`-J`, one TCP stream) from one job's namespace to another's, with the accounting
+counters (`on`: both jobs' BPF programs and maps exactly as the agent installs them) and without (`off`), in
+the same run: `--pairs` A/B pairs of `--seconds` each, the order alternating (off,on / on,off / ...: ABBA, so
+drift from other work on a shared machine cancels), the ratio on/off of each pair, their median and spread.
+Two paths:
   local    two jobs on the bench's bridge (veth, bridge, veth)
   overlay  two jobs on two "nodes" joined by VXLAN: the lab's underlay (deploy.lab, namespaces and veths
            only: no controller, no agent) and the data path of bench.overlay_throughput built by hand
            (bridge, VXLAN nolearning with static FDB/neighbour entries, MTU 1450), one node prefix per node
-`--variants` adds other rule sets, each A/B against `off` in the same rounds (VARIANTS below: to find where
-the cost is); `--profile` adds one run per variant under `perf record -a` and prints the share of iperf3's
-CPU samples spent in the accounting chains (a cost measure that, unlike the throughput ratio, does not
-swing with other work on the machine); `--no-offload` turns TSO/GSO/GRO off on both jobs' eth0, so that
-every wire frame is a packet for the hooks (an amplifier of per-packet costs, not the issue's figure).
+`--variants` adds peers, each A/B against `off` in the same rounds: `tc` (the same programs on classic tc
+hooks), `nft` (the nftables table jobnet counted with until 2026-12-02, bench/nft_accounting.py) and rule-set
+variants of it (VARIANTS below). `--profile` adds `--profile-runs` runs per variant (and `off`) under
+`perf record -a` and prints the share of iperf3's CPU samples spent under a frame hook (HOOK_SYMBOLS): a cost
+measure that, unlike the throughput ratio, does not swing with other work on the machine. `--concurrent`
+runs two streams at once (see throughput_concurrent), with an A/A control taking turns. `--no-offload` turns
+TSO/GSO/GRO off on both jobs' eth0, so that every wire frame is a packet for the hooks (an amplifier of
+per-packet costs, not the issue's figure).
 
 Throwaway namespaces jnab<pid>-sw (a bridge) and jnab<pid>-<i> (a job: veth eth0 on the bridge), the overlay's
 lab jnab<pid>o-{ul,ctl,n1,n2,h1,h2}, all removed at the end, also after a failure.
@@ -51,6 +56,7 @@ from bench.overlay_throughput import (
 )
 from deploy.lab import Lab
 from nodeagent.accounting import JobNet, NetAccounting, NetTotals, UsageSpool, bpf
+from nodeagent.accounting.hooks import KINDS, Hooks
 from nodeagent.accounting.rules import BASE, DEVICE, KEYS, mac_prefix
 from nodeagent.kernel.namespaces import Namespaces, write_sysctl
 
@@ -162,19 +168,21 @@ def set_rules(c: Counting, netns: Path, commands: str | None) -> None:
     c.ns.run_in(netns, work)
 
 
-def detach_programs(c: Counting, netns: Path) -> None:
-    """Every tcx program off the job's eth0 (the product's counters; the bench's namespaces have no other)."""
+def detach_programs(c: Counting, netns: Path, job: str | None = None) -> None:
+    """Every BPF program off the job's eth0, on both hooks (the product's counters; the bench's namespaces have
+    no other), and the product's hold on its map (`job`: the id it was ensured under; default str(netns))."""
     def work() -> None:
         idx = socket.if_nametoindex(DEVICE)
-        for d in ("tx", "rx"):
-            for prog_id in bpf.tcx_query(idx, d):
-                fd = bpf.prog_fd_by_id(prog_id)
-                try:
-                    bpf.tcx_detach(idx, fd, d)
-                finally:
-                    os.close(fd)
+        with Hooks() as hooks:
+            for kind in KINDS:
+                for d in ("tx", "rx"):
+                    for p in hooks.programs(kind, idx, d):
+                        try:
+                            hooks.detach(idx, p, d)
+                        finally:
+                            os.close(p.fd)
     c.ns.run_in(netns, work)
-    c.acct.release(str(netns))
+    c.acct.release(job if job is not None else str(netns))
 
 
 def set_tc(c: Counting, netns: Path, mac: str | None) -> None:
@@ -294,7 +302,7 @@ def throughput(acct: Counting, label: str, jobs: dict[str, tuple[Path, str]], ip
                 got[k] = run_iperf(srv, cli, ip, a.seconds)
                 runs[k].append(got[k])
                 if r == 0 and k == "on":  # the product's table counted the stream, in the right class
-                    cnt = acct.acct.read({"cli": JobNet(cli, jobs["cli"][1])})["cli"]
+                    cnt = acct.acct.read({str(cli): JobNet(cli, jobs["cli"][1])})[str(cli)]
                     assert not isinstance(cnt, Exception), cnt
                     print("    client's counters after its 'on' run (frame bytes/packets): " + ", ".join(
                         f"{d}_{c} {b}/{p}" for d in ("tx", "rx") for c, (b, p) in cnt.totals.direction(d).items() if b))
@@ -339,38 +347,45 @@ def throughput(acct: Counting, label: str, jobs: dict[str, tuple[Path, str]], ip
 
 
 def throughput_concurrent(acct: Counting, pairs: list[dict[str, tuple[Path, str]]], ips: list[str],
-                          a: argparse.Namespace) -> list[float]:
-    """Two streams at the SAME time on two pairs of jobs on one bridge, one pair with the tables and one
-    without, the roles swapped every round. On 2 vCPUs the two streams compete for the same CPUs, so their
-    throughput ratio is the inverse of their CPU cost per byte, and load from other work hits both alike
-    (the sequential A/B above swings by +-20 % run to run). Two consecutive rounds (roles swapped) give one
-    ratio, their geometric mean, which also cancels any difference between the two pairs."""
+                          a: argparse.Namespace) -> dict[str, list[float]]:
+    """Two streams at the SAME time on two pairs of jobs on one bridge, one pair counted as A and one as B,
+    the roles swapped every round. On 2 vCPUs the two streams compete for the same CPUs, so their
+    throughput ratio is the inverse of their CPU cost per byte, and load from other work hits both alike.
+    Two consecutive rounds (roles swapped) give one ratio, their geometric mean, which also cancels any
+    difference between the two pairs. Several A,B comparisons (--concurrent-ab on,off/off,off) take turns
+    block by block, so an A/A control measures the method's own error in the same minutes."""
     for pair, ip in zip(pairs, ips, strict=True):
         wait_reachable(str(pair["cli"][0]), ip)
-    print(f"\nconcurrent A/B, local: two jobs pairs on one bridge, one stream each at the same time, {a.seconds:g} s, "
-          f"{a.concurrent} rounds (roles swapped each round); loadavg {loadavg()}")
-    per_round: list[float] = []
-    ratios: list[float] = []
-    for r in range(a.concurrent):
-        on = r % 2
-        for i, pair in enumerate(pairs):
-            for netns, mac in pair.values():
-                set_variant(acct, netns, mac, a.concurrent_ab[0] if i == on else a.concurrent_ab[1])
-        res = iperf_many([(str(p["srv"][0]), str(p["cli"][0]), ip) for p, ip in zip(pairs, ips, strict=True)],
-                         a.seconds)
-        per_round.append(res[on]["gbps"] / res[1 - on]["gbps"])
-        print(f"  round {r + 1:2}/{a.concurrent}: pair {on + 1} on {res[on]['gbps']:6.2f}, pair {2 - on} off "
-              f"{res[1 - on]['gbps']:6.2f} Gbit/s, on/off {per_round[-1]:.3f}; loadavg {loadavg()}")
-        if r % 2 == 1:
-            ratios.append((per_round[-1] * per_round[-2]) ** 0.5)
+    specs = a.concurrent_ab
+    print(f"\nconcurrent A/B, local: two job pairs on one bridge, one stream each at the same time, {a.seconds:g} s, "
+          f"{a.concurrent} swapped pairs of rounds per comparison ({', '.join(f'{x}/{y}' for x, y in specs)}, "
+          f"taking turns); loadavg {loadavg()}")
+    ratios: dict[str, list[float]] = {f"{x}/{y}": [] for x, y in specs}
+    for block in range(a.concurrent * len(specs)):
+        x, y = specs[block % len(specs)]
+        per_round = []
+        for on in (0, 1):
+            for i, pair in enumerate(pairs):
+                for netns, mac in pair.values():
+                    set_variant(acct, netns, mac, x if i == on else y)
+            res = iperf_many([(str(p["srv"][0]), str(p["cli"][0]), ip) for p, ip in zip(pairs, ips, strict=True)],
+                             a.seconds)
+            per_round.append(res[on]["gbps"] / res[1 - on]["gbps"])
+            print(f"  block {block + 1:2}: pair {on + 1} {x} {res[on]['gbps']:6.2f}, pair {2 - on} {y} "
+                  f"{res[1 - on]['gbps']:6.2f} Gbit/s, {x}/{y} {per_round[-1]:.3f}; loadavg {loadavg()}")
+        ratios[f"{x}/{y}"].append((per_round[0] * per_round[1]) ** 0.5)
     for pair in pairs:
         for netns, mac in pair.values():
             set_variant(acct, netns, mac, None)
-    if ratios:
-        m = statistics.median(ratios)
-        print(f"  concurrent on / off (geometric mean of each swapped pair of rounds): {spread(ratios)}")
-        print(f"  accounting on / off, concurrent, median of {len(ratios)} = {m:.3f}   target >= 0.98   "
-              f"{'PASS' if m >= 0.98 else 'MISS'}")
+    for k, xs in ratios.items():
+        print(f"  concurrent {k} (geometric mean of each swapped pair of rounds): {spread(xs)}")
+    if ratios.get("on/off"):
+        m = statistics.median(ratios["on/off"])
+        line = f"  accounting on / off, concurrent, median of {len(ratios['on/off'])} = {m:.3f}"
+        if ratios.get("off/off"):
+            aa = statistics.median(ratios["off/off"])
+            line += f"; A/A control off/off {aa:.3f}; on/off divided by the control {m / aa:.3f}"
+        print(f"{line}   target >= 0.98   {'PASS' if m >= 0.98 else 'MISS'} (as measured)")
     return ratios
 
 
@@ -397,10 +412,12 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=3.0, help="iperf3 -t of every run")
     ap.add_argument("--variants", default="on", help=f"comma-separated, of {', '.join(VARIANTS)}, or all")
     ap.add_argument("--no-overlay", dest="overlay", action="store_false", help="the local path only")
-    ap.add_argument("--concurrent", type=int, default=0, metavar="ROUNDS",
-                    help="also the concurrent A/B on the local path: ROUNDS rounds (even; 0: none)")
-    ap.add_argument("--concurrent-ab", default="on,off", metavar="A,B",
-                    help="the two sides of --concurrent (variants, bpf or off), ratio A/B; default on,off")
+    ap.add_argument("--concurrent", type=int, default=0, metavar="PAIRS",
+                    help="also the concurrent A/B on the local path: PAIRS swapped pairs of rounds per "
+                    "comparison (0: none)")
+    ap.add_argument("--concurrent-ab", default="on,off/off,off", metavar="A,B[/C,D]",
+                    help="the comparisons of --concurrent, taking turns (variants or off), each the ratio A/B; "
+                    "default on,off/off,off (the product against nothing, and the A/A control)")
     ap.add_argument("--local", dest="local", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--no-offload", action="store_true", help="TSO/GSO/GRO off on both jobs' eth0")
     ap.add_argument("--profile-runs", type=int, default=1, help="profiled runs per variant (the median is printed)")
@@ -408,7 +425,9 @@ def main() -> None:
                     help="also one perf-profiled run per variant: CPU share of the accounting chains")
     a = ap.parse_args()
     a.variants = ["on", "tc", *VARIANTS] if a.variants == "all" else a.variants.split(",")
-    a.concurrent_ab = a.concurrent_ab.split(",")
+    a.concurrent_ab = [tuple(x.split(",")) for x in a.concurrent_ab.split("/")]
+    if any(len(x) != 2 for x in a.concurrent_ab):
+        ap.error("--concurrent-ab: A,B[/C,D...]")
     if unknown := set(a.variants) - set(VARIANTS) - {"on", "tc"}:
         ap.error(f"unknown variants {sorted(unknown)}")
     if a.jobs < 2:
@@ -445,20 +464,35 @@ def main() -> None:
             ns.run_in(NETNS / n, up)
         acct = NetAccounting(ns)
 
-        # 1. set-up (create) and an idempotent ensure (verify) per job
-        create, verify = [], []
+        # 1. set-up (create) and an idempotent ensure (verify) per job; the set-up on the other hook too
+        c = Counting(acct, ns)
+        other = "tc" if acct.hook == "tcx" else None
+        setup: dict[str, list[float]] = {acct.hook: []}
+        verify = []
+        if other:
+            setup[other] = []
+            tc_acct = NetAccounting(ns, hook=other)
+            for n in names[:50]:
+                t0 = time.perf_counter()
+                assert tc_acct.ensure(n, NETNS / n, macs[n]).action == "created"
+                setup[other].append((time.perf_counter() - t0) * 1000)
+                tc_acct.release(n)
+                detach_programs(c, NETNS / n, n)
+            tc_acct.close()
         for n in names:
             t0 = time.perf_counter()
             r = acct.ensure(n, NETNS / n, macs[n])
-            create.append((time.perf_counter() - t0) * 1000)
+            setup[acct.hook].append((time.perf_counter() - t0) * 1000)
             assert r.action == "created"
         for n in names:
             t0 = time.perf_counter()
             acct.ensure(n, NETNS / n, macs[n])
             verify.append((time.perf_counter() - t0) * 1000)
-        print(f"set-up per job (enter netns, create table in one transaction, back): p50 {pct(create, 50):.2f} ms, "
-              f"p99 {pct(create, 99):.2f} ms")
-        print(f"ensure on an existing table (list + verify): p50 {pct(verify, 50):.2f} ms")
+        for hook, xs in setup.items():
+            print(f"set-up per job, hook {hook} (enter netns, map + 2 programs loaded and attached, back), "
+                  f"{len(xs)} jobs: p50 {pct(xs, 50):.2f} ms, p99 {pct(xs, 99):.2f} ms")
+        print(f"ensure on existing counters (find the programs, verify, read; both hooks looked at): "
+              f"p50 {pct(verify, 50):.2f} ms")
 
         # 2. a sampling pass: every job's counters, one worker thread for all
         jobs = {n: JobNet(NETNS / n, macs[n]) for n in names}
@@ -469,7 +503,7 @@ def main() -> None:
             passes.append((time.perf_counter() - t0) * 1000)
             assert all(not isinstance(r, Exception) for r in out.values())
         med = statistics.median(passes)
-        print(f"sampling pass over {a.jobs} jobs (read + verify each table): median {med:.1f} ms "
+        print(f"sampling pass over {a.jobs} jobs (read + verify each job's counters): median {med:.1f} ms "
               f"({med / a.jobs * 1000:.0f} us per job), min {min(passes):.1f} ms")
 
         # 3. final reads (one job at a time, as at each job's end; no TCP socket left: no wait)
