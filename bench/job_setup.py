@@ -112,11 +112,13 @@ class Jobnet:
         self.state = DesiredState(1, dict(self.groups), {}, {})
         self.rec.reconcile(self.state, full=True)
 
-    def _publish(self) -> tuple[float, float]:
-        """(the job's own network, the group's fan-out) in ms: one reconcile, split by what it did."""
-        from nodeagent.desired import DesiredState
+    def _publish(self, job_id: str) -> tuple[float, float]:
+        """(the job's own network, the group's fan-out) in ms: one reconcile, split by what it did. The state
+        names the job it changes, as a delta from the controller does (DesiredState.changes)."""
+        from nodeagent.desired import Changes, DesiredState
 
-        state = DesiredState(self.state.revision + 1, dict(self.groups), dict(self.jobs), {})
+        state = DesiredState(self.state.revision + 1, dict(self.groups), dict(self.jobs), {},
+                             Changes(self.state.revision, frozenset({job_id}), frozenset()))
         t0 = time.perf_counter()
         self.rec.reconcile(state, full=False)
         dt = (time.perf_counter() - t0) * 1000
@@ -137,11 +139,12 @@ class Jobnet:
         ip = f"10.200.{4 * g + (j + 2) // 256}.{(j + 2) % 256}"
         self.jobs[jid] = LocalJob(jid, f"bench{g}", ip, f"02:00:00:{r:02x}:{(i >> 8) & 255:02x}:{i & 255:02x}",
                                   ("true",))
-        return self._publish()
+        return self._publish(jid)
 
     def remove(self) -> tuple[float, float]:
-        del self.jobs[next(iter(self.jobs))]
-        return self._publish()
+        jid = next(iter(self.jobs))
+        del self.jobs[jid]
+        return self._publish(jid)
 
     def close(self) -> None:
         from nodeagent.desired import DesiredState

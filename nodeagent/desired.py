@@ -59,11 +59,23 @@ class RemoteEndpoint:
 
 
 @dataclass(frozen=True)
+class Changes:
+    """What a delta touched, relative to the state of revision `base`: the ids of the jobs and endpoints it
+    upserted or removed (a superset of what differs). Lets the reconciler compare only those instead of every
+    job and endpoint of the node."""
+
+    base: int
+    jobs: frozenset[str]
+    endpoints: frozenset[str]
+
+
+@dataclass(frozen=True)
 class DesiredState:
     revision: int = 0
     groups: dict[str, GroupSpec] = field(default_factory=dict)
     jobs: dict[str, LocalJob] = field(default_factory=dict)
     endpoints: dict[str, RemoteEndpoint] = field(default_factory=dict)  # by job_id
+    changes: Changes | None = field(default=None, compare=False)  # None: unknown (a snapshot, a state made whole)
 
     # -- building from the wire -------------------------------------------------------------------
 
@@ -96,7 +108,11 @@ class DesiredState:
             jobs[j.id] = LocalJob(j.id, j.group, j.ip, j.mac, tuple(j.command), j.desired_running, j.name, iso)
         for e in update.upsert.endpoints:
             endpoints[e.job_id] = RemoteEndpoint(e.group, e.job_id, e.node, e.underlay_ip, e.ip, e.mac)
-        return DesiredState(update.revision, groups, jobs, endpoints)
+        changes = None if update.snapshot else Changes(
+            self.revision,
+            frozenset(update.removed_jobs).union(j.id for j in update.upsert.jobs),
+            frozenset(update.removed_endpoints).union(e.job_id for e in update.upsert.endpoints))
+        return DesiredState(update.revision, groups, jobs, endpoints, changes)
 
     # -- persistence ------------------------------------------------------------------------------
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
 from nodeagent import names
@@ -337,23 +338,31 @@ def update_wanted(w: Wanted, prev: DesiredState, desired: DesiredState, settings
     if prev.groups != desired.groups:
         return None
     keys = Keys()
-    if prev.jobs is not desired.jobs:
-        for job_id, job in desired.jobs.items():
-            old = prev.jobs.get(job_id)
-            if old is not job and old != job:
+    ch = desired.changes
+    if ch is not None and ch.base == prev.revision != desired.revision:
+        # a delta from `prev`: only what it touched can differ (claims settle by the lowest claimant, so the
+        # order of the patches does not matter)
+        job_ids: Iterable[str] = sorted(ch.jobs)
+        ep_ids: Iterable[str] = sorted(ch.endpoints)
+    else:
+        job_ids = () if prev.jobs is desired.jobs else [*desired.jobs, *(prev.jobs.keys() - desired.jobs.keys())]
+        ep_ids = () if prev.endpoints is desired.endpoints else [
+            *desired.endpoints, *(prev.endpoints.keys() - desired.endpoints.keys())]
+    for job_id in job_ids:
+        job, old = desired.jobs.get(job_id), prev.jobs.get(job_id)
+        if job is None:
+            if old is not None:
                 _remove_job(w, job_id, keys)
-                _add_job(w, job, desired, keys)
-        for job_id in prev.jobs.keys() - desired.jobs.keys():
+        elif old is not job and old != job:
             _remove_job(w, job_id, keys)
-    if prev.endpoints is not desired.endpoints:
-        for ep_id, ep in desired.endpoints.items():
-            old_ep = prev.endpoints.get(ep_id)
-            if old_ep is not ep and old_ep != ep:
-                if old_ep is not None:
-                    _remove_endpoint(w, old_ep, prev, settings, keys)
+            _add_job(w, job, desired, keys)
+    for ep_id in ep_ids:
+        ep, old_ep = desired.endpoints.get(ep_id), prev.endpoints.get(ep_id)
+        if old_ep is not ep and old_ep != ep:
+            if old_ep is not None:
+                _remove_endpoint(w, old_ep, prev, settings, keys)
+            if ep is not None:
                 _add_endpoint(w, ep, desired, settings, keys)
-        for ep_id in prev.endpoints.keys() - desired.endpoints.keys():
-            _remove_endpoint(w, prev.endpoints[ep_id], prev, settings, keys)
     return keys
 
 
@@ -654,8 +663,11 @@ def advance(model: Observed, step: Step, settings: NetSettings) -> None:
             model.links[spec.host_ifname] = host_veth_link(spec)
         case CreateJobNetwork(job=spec) | ConfigureJob(job=spec):
             # A new veth has no bridge FDB entries; one moved to another bridge has none left on the old one.
+            # (Entries only exist for ports that exist: a port the model does not have has none to drop, and
+            # a new job's does not cost a walk over every job's entries.)
             moved = isinstance(step, ConfigureJob) and not step.recreate_veth
-            _drop_bridge_fdb(model, spec.host_ifname, keep_bridge=spec.bridge if moved else "")
+            if spec.host_ifname in model.links:
+                _drop_bridge_fdb(model, spec.host_ifname, keep_bridge=spec.bridge if moved else "")
             model.jobs[spec.job_id] = job_ns(spec)
             model.job_neigh[spec.job_id] = {}  # a new eth0, or one whose MAC was set: no entries
             model.links[spec.host_ifname] = host_veth_link(spec)

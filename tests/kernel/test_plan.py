@@ -8,7 +8,9 @@ import random
 from dataclasses import replace
 from pathlib import Path
 
-from nodeagent.desired import DesiredState, GroupSpec, LocalJob, RemoteEndpoint
+import pytest
+
+from nodeagent.desired import Changes, DesiredState, GroupSpec, LocalJob, RemoteEndpoint
 from nodeagent.kernel.model import BridgeFdbEntry, FdbEntry, JobNs, NeighEntry, NetSettings, Observed
 from nodeagent.kernel.plan import advance, plan, plan_wanted, update_wanted, wanted
 from nodeagent.kernel.steps import (
@@ -188,7 +190,10 @@ def test_job_without_its_group_is_left_alone() -> None:
     assert steps == []
 
 
-def test_incremental_plan_equals_full_plan() -> None:
+@pytest.mark.parametrize("hinted", [False, True], ids=["compared", "delta-hinted"])
+def test_incremental_plan_equals_full_plan(hinted: bool) -> None:
+    """Patching the wanted state by a delta gives the plan a full plan gives, whether the reconciler compares
+    every job and endpoint or only those the delta names (`DesiredState.changes`, as apply_update sets it)."""
     rng = random.Random(7)
     jobs = [job(i, rng.choice([GA, GB])) for i in range(30)]
     eps = [ep(i, rng.choice([2, 3, 4]), rng.choice([GA, GB])) for i in range(40)]
@@ -209,6 +214,11 @@ def test_incremental_plan_equals_full_plan() -> None:
 
         cur = state([GA, GB], rng.sample(jobs, rng.randint(0, 12)),
                     [vary(e) for e in rng.sample(eps, rng.randint(0, 15))], rev)
+        if hinted:  # what a delta from prev would name: everything upserted or removed (a superset is fine)
+            touched_jobs = {j for j in prev.jobs.keys() | cur.jobs.keys() if prev.jobs.get(j) != cur.jobs.get(j)}
+            touched_eps = {e for e in prev.endpoints.keys() | cur.endpoints.keys()
+                           if prev.endpoints.get(e) != cur.endpoints.get(e) or rng.random() < 0.1}
+            cur = replace(cur, changes=Changes(prev.revision, frozenset(touched_jobs), frozenset(touched_eps)))
         keys = update_wanted(want, prev, cur, S)
         assert keys is not None
         incremental = plan_wanted(want, model, S, keys)
@@ -446,3 +456,14 @@ def test_two_local_jobs_with_one_mac_the_smallest_job_id_gets_the_entry() -> Non
     full = plan(d2, model, S)
     assert sorted(map(repr, others(steps))) == sorted(map(repr, others(full)))
     assert sorted(jentries(steps)) == sorted(jentries(full))
+
+
+def test_delta_hints_from_another_base_are_not_trusted() -> None:
+    """A state whose `changes` are relative to another revision than the one planned last is compared whole
+    (the agent may reconcile after several deltas: each one's hint covers only itself)."""
+    prev = state([GA], [job(1)], [], 1)
+    want = wanted(prev, S)
+    cur = replace(state([GA], [job(2)], [], 3), changes=Changes(2, frozenset({job(2).id}), frozenset()))
+    keys = update_wanted(want, prev, cur, S)
+    assert keys is not None and {job(1).id, job(2).id} <= keys.jobs, "job 1's removal is not in the hint: found"
+    assert set(want.jobs) == {job(2).id}

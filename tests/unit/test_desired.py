@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from nodeagent.desired import DesiredState, StaleDelta
+from nodeagent.desired import Changes, DesiredState, StaleDelta
 from protos.jobnet.v1 import jobnet_pb2 as pb
 
 
@@ -32,6 +32,9 @@ def test_snapshot_then_delta() -> None:
                                               desired_running=False)])))
     assert d.revision == 7 and not d.endpoints and d.jobs["aaaaaaaaaa"].desired_running is False
     assert s.endpoints, "the old state is not modified"
+    # what the delta touched, for the reconciler (a snapshot says nothing: compared whole)
+    assert s.changes is None
+    assert d.changes == Changes(5, frozenset({"aaaaaaaaaa"}), frozenset({"bbbbbbbbbb"}))
 
 
 def test_delta_from_another_revision_is_refused() -> None:
