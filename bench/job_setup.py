@@ -1,7 +1,7 @@
 """Per-job network setup and teardown latency: jobnet's reconciler vs the CNI reference plugins
 (`bridge` + `host-local`, Debian's containernetworking-plugins) doing the same work in the same run.
 
-    python -m bench.job_setup [--jobs 500] [--rounds 3] [--groups 1]
+    python -m bench.job_setup [--jobs 500] [--rounds 3] [--groups 1] [--deal fill|round-robin]
 
 Throwaway "node" network namespaces, `jnbs<pid>-j` (jobnet) and `jnbs<pid>-c` (CNI), so each side sees
 only its own links and the host is untouched. The bench process lives in the jobnet node namespace; a
@@ -32,6 +32,13 @@ Every round has two ramps, each from an empty bridge, jobs added one at a time:
   B  jobnet and CNI alternating (job i on jobnet, then job i on CNI), so the live jobs on each side grow
      together and noise from other work on the machine hits both alike: the jobnet/CNI ratio is taken here.
 Verdicts use the median over rounds of each round's figure.
+
+Groups (`--groups G`, `--deal`): with `fill` (the default) the jobs fill the groups one after the other, so
+every window of ~500/G jobs sees its group grow from 1 to full, and the first and the last 50 jobs differ in
+the node's live jobs only: what the flatness target is about. With `round-robin` the last 50 jobs join groups
+that are nearly full (45-49 peers against 0-4 for the first 50), so the flatness also grows with the group
+size: a job's own neighbour entries and the planning of them are O(group) by design (issue 4's permanent
+entries for every peer), which `--groups 1` measures on its own.
 
 Drift control: a third node namespace (`jnbs<pid>-k`, its own reconciler and bridge) gets one job added
 (timed) and removed at every step of both ramps, so it always has 1 live job. On a machine shared with other
@@ -98,7 +105,8 @@ def verdict(ok: bool) -> str:
 class Jobnet:
     """jobnet's reconciler on one node (the calling thread's network namespace)."""
 
-    def __init__(self, netns_dir: Path, groups: int = 1, spares: int = 2) -> None:
+    def __init__(self, netns_dir: Path, groups: int = 1, spares: int = 2, per_group: int = 0) -> None:
+        """`per_group` > 0: jobs fill the groups one after the other, that many each; 0: dealt round robin."""
         from nodeagent.desired import DesiredState, GroupSpec
         from nodeagent.kernel.reconciler import NetSettings, NetworkReconciler
 
@@ -109,6 +117,7 @@ class Jobnet:
         self.groups = {f"bench{g}": GroupSpec(f"bench{g}", 4100 + g, f"10.200.{4 * g}.0/22", f"10.200.{4 * g}.1", MTU)
                        for g in range(groups)}
         self.jobs: dict[str, Any] = {}
+        self.per_group = per_group
         self.state = DesiredState(1, dict(self.groups), {}, {})
         self.rec.reconcile(self.state, full=True)
 
@@ -135,7 +144,11 @@ class Jobnet:
         from nodeagent.desired import LocalJob
 
         jid = f"{r:02x}{i:08x}"
-        g, j = i % len(self.groups), i // len(self.groups)  # jobs dealt round robin into the groups
+        if self.per_group:  # the groups filled one after the other
+            g = min(i // self.per_group, len(self.groups) - 1)
+            j = i - g * self.per_group
+        else:  # dealt round robin
+            g, j = i % len(self.groups), i // len(self.groups)
         ip = f"10.200.{4 * g + (j + 2) // 256}.{(j + 2) % 256}"
         self.jobs[jid] = LocalJob(jid, f"bench{g}", ip, f"02:00:00:{r:02x}:{(i >> 8) & 255:02x}:{i & 255:02x}",
                                   ("true",))
@@ -300,14 +313,15 @@ def wait_gone(cni: Cni | None, timeout: float = 30.0) -> float:
 # -- the run ---------------------------------------------------------------------------------------------
 
 
-def one_round(r: int, n: int, work: Path, tag: str, ctl: Control, groups: int = 1) -> dict[str, Any]:
+def one_round(r: int, n: int, work: Path, tag: str, ctl: Control, groups: int = 1,
+              fill: bool = False) -> dict[str, Any]:
     """Phase A: jobnet alone (the node has only jobnet's jobs), with the control. Phase B: jobnet and CNI
     alternating, with the control."""
     keys = ("a_setup", "a_fan", "a_ctl", "a_down", "a_dfan", "j_setup", "j_fan", "c_setup", "k_setup", "j_down",
             "c_del", "c_down")
     out: dict[str, Any] = {k: [] for k in keys}
     load0 = loadavg()
-    jn = Jobnet(work / "netns", groups)
+    jn = Jobnet(work / "netns", groups, per_group=-(-n // groups) if fill else 0)
     try:
         gc.collect()
         for i in range(n):
@@ -322,7 +336,7 @@ def one_round(r: int, n: int, work: Path, tag: str, ctl: Control, groups: int = 
         out["a_gone_s"] = wait_gone(None)
     finally:
         jn.close()
-    jn = Jobnet(work / "netns", groups)
+    jn = Jobnet(work / "netns", groups, per_group=-(-n // groups) if fill else 0)
     cni = Cni(work, tag, f"{tag}-c")
     try:
         gc.collect()
@@ -359,17 +373,19 @@ def summary(o: dict[str, Any], k: int) -> dict[str, float]:
             "kflat": flat(o["k_setup"]), "cflat": flat(cs), "jd50": pct(o["j_down"], 50), "cd50": pct(o["c_down"], 50)}
 
 
-def inner(n: int, rounds: int, work: Path, tag: str, groups: int = 1) -> int:
+def inner(n: int, rounds: int, work: Path, tag: str, groups: int = 1, fill: bool = False) -> int:
     node_setup()
     ctl = Control(work / "netns-k", f"{tag}-k")
     try:
-        return report(n, rounds, work, tag, ctl, groups)
+        return report(n, rounds, work, tag, ctl, groups, fill)
     finally:
         ctl.close()
 
 
-def report(n: int, rounds: int, work: Path, tag: str, ctl: Control, groups: int = 1) -> int:
-    shape = "in ONE group (one bridge)" if groups == 1 else f"in {groups} groups of ~{n // groups} (a bridge each)"
+def report(n: int, rounds: int, work: Path, tag: str, ctl: Control, groups: int = 1, fill: bool = False) -> int:
+    shape = "in ONE group (one bridge)" if groups == 1 else (
+        f"in {groups} groups of ~{n // groups} (a bridge each), "
+        + ("filled one group after the other" if fill else "dealt round robin"))
     print(f"per-job network setup/teardown: {n} jobnet jobs {shape}, {n} CNI containers on one bridge, "
           f"{rounds} round(s); kernel "
           f"{platform.release()}, {os.cpu_count()} cpus shared with other work, python "
@@ -384,7 +400,7 @@ def report(n: int, rounds: int, work: Path, tag: str, ctl: Control, groups: int 
             print(fmt(f"  step {lo + 1}-{min(n, lo + 100)}", o[key][lo:lo + 100]))
 
     for r in range(rounds):
-        o = one_round(r, n, work, tag, ctl, groups)
+        o = one_round(r, n, work, tag, ctl, groups, fill)
         allr.append(o)
         s = summary(o, k)
         sums.append(s)
@@ -476,14 +492,20 @@ def main() -> int:
     ap.add_argument("--jobs", type=int, default=500, help="live jobs per side at the top of the ramp")
     ap.add_argument("--rounds", type=int, default=3, help="ramps, each from an empty bridge")
     ap.add_argument("--groups", type=int, default=1,
-                    help="jobnet's jobs dealt round robin into this many groups (a bridge and a /22 each); 1: all "
+                    help="jobnet's jobs go into this many groups (a bridge and a /22 each; see --deal); 1: all "
                          "jobs in ONE group, the worst case for the neighbour entries (the 500th job of a group "
                          "gets 499 and is written into 499 namespaces)")
+    ap.add_argument("--deal", choices=["fill", "round-robin"], default="fill",
+                    help="with --groups > 1: fill the groups one after the other (default: every window of jobs "
+                         "sees groups growing from 1 to their size, so the first and the last 50 jobs differ only "
+                         "in the node's live jobs), or deal the jobs round robin (the last jobs join groups that "
+                         "are nearly full: the flatness then also measures the group's size, which the job's own "
+                         "neighbour entries grow with)")
     ap.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--tag", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.inner:
-        return inner(a.jobs, a.rounds, Path(f"/run/jobnet/bench-setup-{a.tag}"), a.tag, a.groups)
+        return inner(a.jobs, a.rounds, Path(f"/run/jobnet/bench-setup-{a.tag}"), a.tag, a.groups, a.deal == "fill")
     if os.geteuid() != 0:
         sys.exit("run as root")
     if a.jobs > 1000 * a.groups:
@@ -499,7 +521,8 @@ def main() -> int:
         root = Path(__file__).resolve().parent.parent
         return subprocess.run([sys.executable, "-m", "deploy.lab", "_nsexec", f"/run/netns/{tag}-j", "--",
                                sys.executable, "-m", "bench.job_setup", "--inner", "--tag", tag,
-                               "--jobs", str(a.jobs), "--rounds", str(a.rounds), "--groups", str(a.groups)],
+                               "--jobs", str(a.jobs), "--rounds", str(a.rounds), "--groups", str(a.groups),
+                               "--deal", a.deal],
                               cwd=root).returncode
     finally:
         cleanup(tag, work)
