@@ -108,8 +108,11 @@ class Jobnet:
     def __init__(self, netns_dir: Path, groups: int = 1, spares: int = 2, per_group: int = 0) -> None:
         """`per_group` > 0: jobs fill the groups one after the other, that many each; 0: dealt round robin."""
         from nodeagent.desired import DesiredState, GroupSpec
+        from nodeagent.kernel.namespaces import tmpfs_for_netns_dir
         from nodeagent.kernel.reconciler import NetSettings, NetworkReconciler
 
+        netns_dir.mkdir(parents=True, exist_ok=True)
+        tmpfs_for_netns_dir(netns_dir)  # as jobnet-agent does (--no-netns-tmpfs aside)
         self.rec = NetworkReconciler(NetSettings(netns_dir=netns_dir, underlay_ifname="jnsul",
                                                  underlay_ip=UNDERLAY_IP, spare_namespaces=spares))
         self.refills: list[float] = []
@@ -477,6 +480,8 @@ def cleanup(tag: str, work: Path) -> None:
     for d in (work / "netns", work / "netns-k"):
         for f in d.glob("*") if d.is_dir() else []:
             subprocess.run(["umount", "-l", str(f)], check=False, capture_output=True)
+        if d.is_dir():  # the tmpfs the bench put there, as the agent does
+            subprocess.run(["umount", "-l", str(d)], check=False, capture_output=True)
     for f in Path("/run/netns").glob(f"{tag}c*"):
         subprocess.run(["umount", "-l", str(f)], check=False, capture_output=True)
         with contextlib.suppress(OSError):

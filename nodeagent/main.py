@@ -64,6 +64,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="desired state, outbox and job records (default: %(default)s)")
     p.add_argument("--netns-dir", type=Path, default=Path("/run/jobnet/netns"),
                    help="where job network namespaces are bind-mounted (default: %(default)s)")
+    p.add_argument("--no-netns-tmpfs", dest="netns_tmpfs", action="store_false",
+                   help="do not mount a small tmpfs on --netns-dir when it is empty and not on a tmpfs already "
+                   "(the agent does by default: every job creates and removes a file there, which slows down "
+                   "with the live jobs on ext4; on a systemd host /run is a tmpfs anyway)")
     p.add_argument("--scratch-root", type=Path, default=Path("/var/lib/jobnet/scratch"),
                    help="per-job scratch directories (default: %(default)s)")
     p.add_argument("--resync-interval", type=float, default=15.0, metavar="SECONDS",
@@ -182,6 +186,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     for d in (settings.state_dir, settings.netns_dir, settings.scratch_root):
         d.mkdir(parents=True, exist_ok=True)
+    if args.netns_tmpfs:
+        from nodeagent.kernel.namespaces import tmpfs_for_netns_dir
+
+        try:
+            log.info("namespace files in %s: %s", settings.netns_dir, tmpfs_for_netns_dir(settings.netns_dir))
+        except OSError as e:
+            log.warning("namespace files in %s stay on its filesystem: %s", settings.netns_dir, e)
 
     # Imported here, after setns: nothing below may have started a thread before this point.
     from nodeagent.agent import Agent

@@ -55,6 +55,37 @@ def write_sysctl(key: str, value: str, netns: str) -> None:
         raise from_oserror("write sysctl", path, netns, e) from e
 
 
+TMPFS_MAGIC = 0x01021994
+MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x2, 0x4, 0x8
+
+
+def fs_type(path: Path) -> int:
+    """statfs(2)'s f_type of the filesystem holding `path` (OSError if it cannot be read)."""
+    buf = ctypes.create_string_buffer(256)  # struct statfs: f_type is the first long
+    if _libc.statfs(os.fsencode(path), buf) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), str(path))
+    return int(ctypes.c_long.from_buffer(buf).value)
+
+
+def tmpfs_for_netns_dir(path: Path) -> str:
+    """Put a small tmpfs of its own on the (existing) directory where job namespace files are bind-mounted,
+    unless it is on a tmpfs already (as /run is on a systemd host) or holds anything (never hide a live job's
+    namespace file, e.g. after an agent restart on an older layout). Every job creates and removes a file
+    there: on ext4 the inode allocation of those files grew with the live jobs (bench/README, job_setup:
+    flatness 1.25 -> 1.04 with a tmpfs). Returns what it did, for the log; OSError when mounting fails."""
+    if fs_type(path) == TMPFS_MAGIC:
+        return "on a tmpfs already"
+    if any(path.iterdir()):
+        return "not on a tmpfs, but not empty: left as it is"
+    rc = _libc.mount(b"jobnet-netns", os.fsencode(path), b"tmpfs", ctypes.c_ulong(MS_NOSUID | MS_NODEV | MS_NOEXEC),
+                     b"mode=0755,size=1m")
+    if rc != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mount tmpfs on {path}: {os.strerror(err)}")
+    return "a tmpfs mounted on it"
+
+
 @functools.cache
 def _kernel_has_ipv6() -> bool:
     # Once per process: a path lookup under /proc/sys/net slows down as network namespaces accumulate
