@@ -55,9 +55,9 @@ from bench.overlay_throughput import (
     wait_reachable,
 )
 from deploy.lab import Lab
-from nodeagent.accounting import JobNet, NetAccounting, NetTotals, UsageSpool, bpf
+from nodeagent.accounting import JobNet, NetAccounting, NetTotals, UsageSpool
 from nodeagent.accounting.hooks import KINDS, Hooks
-from nodeagent.accounting.rules import BASE, DEVICE, KEYS, mac_prefix
+from nodeagent.accounting.rules import DEVICE, KEYS, mac_prefix
 from nodeagent.kernel.namespaces import Namespaces, write_sysctl
 
 NETNS = Path("/run/netns")
@@ -151,9 +151,11 @@ VARIANTS: dict[str, Callable[[int], str]] = {
 
 @dataclass(frozen=True)
 class Counting:
-    """The product's counters (acct) and a way into the bench's namespaces (ns) for the nftables peers."""
+    """The product's counters (acct: tcx where the kernel has it), the same on classic tc hooks (tc: the
+    counting before tcx, Linux 6.6), and a way into the bench's namespaces (ns) for the nftables peers."""
 
-    acct: Counting
+    acct: NetAccounting
+    tc: NetAccounting
     ns: Namespaces
 
 
@@ -182,44 +184,17 @@ def detach_programs(c: Counting, netns: Path, job: str | None = None) -> None:
                         finally:
                             os.close(p.fd)
     c.ns.run_in(netns, work)
-    c.acct.release(job if job is not None else str(netns))
-
-
-def set_tc(c: Counting, netns: Path, mac: str | None) -> None:
-    """The product's programs and map on the classic tc hooks instead (a clsact qdisc, cls_bpf direct-action
-    filters): the way before tcx (Linux 6.6). None: no clsact qdisc."""
-    def work() -> None:
-        from pyroute2 import IPRoute
-
-        idx = socket.if_nametoindex(DEVICE)
-        with IPRoute() as ipr:
-            with contextlib.suppress(Exception):
-                ipr.tc("del", "clsact", idx)
-            if mac is None:
-                return
-            ipr.tc("add", "clsact", idx)
-            m = bpf.map_create_percpu_array("jn_acct", 16, len(KEYS))
-            try:
-                for d, parent in (("tx", "ffff:fff3"), ("rx", "ffff:fff2")):
-                    fd = bpf.prog_load_sched_cls(f"jn_acct_{d}", bpf.program(m, d, mac_prefix(mac), BASE[d]))
-                    try:
-                        ipr.tc("add-filter", "bpf", idx, ":1", fd=fd, name=f"jn_acct_{d}", parent=parent, classid=1,
-                               direct_action=True)
-                    finally:
-                        os.close(fd)
-            finally:
-                os.close(m)
-    c.ns.run_in(netns, work)
+    for acct in (c.acct, c.tc):
+        acct.release(job if job is not None else str(netns))
 
 
 def set_variant(c: Counting, netns: Path, mac: str, k: str | None) -> None:
     """The job's counting as variant `k`: "on" (the product: BPF programs and map, as the agent installs them),
     "tc" (the same on classic tc hooks), an nftables rule set of VARIANTS, or nothing (None, "off")."""
     detach_programs(c, netns)
-    set_tc(c, netns, mac if k == "tc" else None)
     set_rules(c, netns, VARIANTS[k](mac_prefix(mac)) if k in VARIANTS else None)
-    if k == "on":
-        c.acct.ensure(str(netns), netns, mac)
+    if k in ("on", "tc"):
+        (c.acct if k == "on" else c.tc).ensure(str(netns), netns, mac)
 
 
 def sh_in(netns: Path, *argv: str) -> None:
@@ -465,20 +440,16 @@ def main() -> None:
         acct = NetAccounting(ns)
 
         # 1. set-up (create) and an idempotent ensure (verify) per job; the set-up on the other hook too
-        c = Counting(acct, ns)
-        other = "tc" if acct.hook == "tcx" else None
+        c = Counting(acct, NetAccounting(ns, hook="tc"), ns)
         setup: dict[str, list[float]] = {acct.hook: []}
         verify = []
-        if other:
-            setup[other] = []
-            tc_acct = NetAccounting(ns, hook=other)
+        if acct.hook != "tc":
+            setup["tc"] = []
             for n in names[:50]:
                 t0 = time.perf_counter()
-                assert tc_acct.ensure(n, NETNS / n, macs[n]).action == "created"
-                setup[other].append((time.perf_counter() - t0) * 1000)
-                tc_acct.release(n)
+                assert c.tc.ensure(n, NETNS / n, macs[n]).action == "created"
+                setup["tc"].append((time.perf_counter() - t0) * 1000)
                 detach_programs(c, NETNS / n, n)
-            tc_acct.close()
         for n in names:
             t0 = time.perf_counter()
             r = acct.ensure(n, NETNS / n, macs[n])
@@ -540,15 +511,15 @@ def main() -> None:
         if a.pairs or a.profile:  # (sequential A/B)
             jobs_local = {"srv": (NETNS / names[1], macs[names[1]]), "cli": (NETNS / names[0], macs[names[0]])}
             if a.local and a.pairs:
-                throughput(Counting(acct, ns), "local (two jobs on one bridge)", jobs_local, "10.252.0.2", a)
+                throughput(c, "local (two jobs on one bridge)", jobs_local, "10.252.0.2", a)
             if a.overlay and a.pairs:
-                throughput_overlay(Counting(acct, ns), prefix, a)
+                throughput_overlay(c, prefix, a)
         if a.concurrent:
             if a.jobs < 4:
                 ap.error("--concurrent needs --jobs >= 4")
             pairs = [{"srv": (NETNS / names[2 * k + 1], macs[names[2 * k + 1]]),
                       "cli": (NETNS / names[2 * k], macs[names[2 * k]])} for k in (0, 1)]
-            throughput_concurrent(Counting(acct, ns), pairs, ["10.252.0.2", "10.252.0.4"], a)
+            throughput_concurrent(c, pairs, ["10.252.0.2", "10.252.0.4"], a)
     finally:
         for n in reversed(made):
             with contextlib.suppress(OSError):

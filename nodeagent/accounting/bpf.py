@@ -21,8 +21,8 @@ SYS_BPF = 321  # x86_64 (the only architecture the agent is built for; see pypro
 # commands
 MAP_CREATE = 0
 MAP_LOOKUP_ELEM = 1
-MAP_UPDATE_ELEM = 2
 PROG_LOAD = 5
+PROG_GET_NEXT_ID = 11
 PROG_GET_FD_BY_ID = 13
 MAP_GET_FD_BY_ID = 14
 OBJ_GET_INFO_BY_FD = 15
@@ -105,15 +105,6 @@ def percpu_lookup(map_fd: int, key: int, value_size: int) -> list[bytes]:
     _sys(MAP_LOOKUP_ELEM, attr, f"reading key {key} of BPF map fd {map_fd}")
     raw = out.raw
     return [raw[i * stride:i * stride + value_size] for i in range(possible_cpus())]
-
-
-def percpu_update(map_fd: int, key: int, per_cpu: list[bytes]) -> None:
-    """Set `key` on every possible CPU (tests: a value the kernel would hold after traffic)."""
-    stride = max(len(v) for v in per_cpu) + 7 & ~7
-    out = ctypes.create_string_buffer(b"".join(v.ljust(stride, b"\0") for v in per_cpu), stride * len(per_cpu))
-    k = ctypes.c_uint32(key)
-    attr = _attr("=IIQQQ", map_fd, 0, ctypes.addressof(k), _addr(out), 0)
-    _sys(MAP_UPDATE_ELEM, attr, f"writing key {key} of BPF map fd {map_fd}")
 
 
 # ---------------------------------------------------------------------------------------------- programs
@@ -236,9 +227,6 @@ def prog_load_sched_cls(name: str, insns: bytes) -> int:
 
 # ---------------------------------------------------------------------------------------------- objects by id
 
-PROG_GET_NEXT_ID = 11
-
-
 def prog_ids() -> list[int]:
     """Ids of every BPF program loaded on the machine."""
     out: list[int] = []
@@ -298,12 +286,6 @@ class MapInfo:
     name: str
 
 
-def _info(fd: int, size: int, what: str) -> bytes:
-    info = ctypes.create_string_buffer(size)
-    _sys(OBJ_GET_INFO_BY_FD, _attr("=IIQ", fd, size, _addr(info)), what)
-    return info.raw
-
-
 def prog_info(fd: int) -> ProgInfo:
     ids = (ctypes.c_uint32 * 8)()
     info = ctypes.create_string_buffer(80)
@@ -316,7 +298,9 @@ def prog_info(fd: int) -> ProgInfo:
 
 
 def map_info(fd: int) -> MapInfo:
-    raw = _info(fd, 40, f"describing BPF map fd {fd}")
+    info = ctypes.create_string_buffer(40)
+    _sys(OBJ_GET_INFO_BY_FD, _attr("=IIQ", fd, len(info), _addr(info)), f"describing BPF map fd {fd}")
+    raw = info.raw
     mtype, mid, ks, vs, n = struct.unpack_from("=IIIII", raw, 0)
     name = raw[24:40].split(b"\0", 1)[0].decode(errors="replace")
     return MapInfo(mid, mtype, ks, vs, n, name)

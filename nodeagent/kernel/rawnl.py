@@ -325,19 +325,13 @@ def send_all(sock: socket.socket, requests: list[Request], netns: str, chunk: in
         sock.send(bytes(buf))
         errors: dict[int, tuple[int, str]] = {}
         pending = set(range(1, len(part) + 1))
-        while pending:
-            data = _recv(sock, netns)
-            off = 0
-            while off + 16 <= len(data):
-                length, kind, flags, seq = struct.unpack_from("=IHHI", data, off)
-                if length < 16:
+        for kind, flags, seq, msg in _replies(sock, netns):
+            if kind == NLMSG_ERROR and seq in pending:
+                pending.discard(seq)
+                if (err := _error(msg, flags)) is not None:
+                    errors[seq] = err
+                if not pending:
                     break
-                if kind == NLMSG_ERROR and seq in pending:
-                    pending.discard(seq)
-                    (err,) = struct.unpack_from("=i", data, off + 16)
-                    if err:
-                        errors[seq] = (-err, _ext_ack_msg(data[off:off + length], flags))
-                off += (length + 3) & ~3
         for seq, r in enumerate(part, start=1):
             e = errors.get(seq)
             out.append(None if e is None else from_errno(r.op, r.obj, netns, *e))
