@@ -106,6 +106,7 @@ class _Job:
     exited: bool = False
     started_at: float = field(default_factory=time.monotonic)
     cgroup_name: str = ""
+    warm_slot: str = ""  # the warm slot it was launched through (its name stays reserved until start() returns)
 
 
 @dataclass
@@ -427,13 +428,24 @@ class JobRuntime:
         return _Skeleton(state_dir, scratch, mount_dirs, fds[0], fds[1], fds[2], fds[3:])
 
     def _take_warm(self, plan: LaunchPlan) -> _Warm | None:
-        """A warm slot if the job runs with the site's default cgroup limits (the slot's cgroup has those)."""
+        """A warm slot if the job runs with the site's default cgroup limits (the slot's cgroup has those).
+        A slot whose init died while it waited (killed by someone, out of memory) is discarded, not used: the
+        job takes the next slot or the cold path instead of failing on a dead init."""
         if plan.spec.limits != self._default_limits:
             return None
-        with self._lock:
-            w = self._warm.pop() if self._warm else None
         self._warm_wake.set()
-        return w
+        while True:
+            with self._lock:
+                w = self._warm.pop() if self._warm else None
+            if w is None or not _exited(w.pidfd):
+                return w
+            log.warning("warm launch slot %s: its init (pid %d) died before a launch; discarded", w.cg_name, w.pid)
+            self._drop_warm(w)
+
+    def _drop_warm(self, w: _Warm) -> None:
+        w.discard()
+        with self._lock:
+            self._warm_names.discard(w.cg_name)
 
     # -- start -------------------------------------------------------------------------------------------
 
@@ -454,20 +466,22 @@ class JobRuntime:
             job = self._launch(plan, rb)
         except BaseException:
             rb.rollback()
-            raise
-        finally:
             with self._lock:
                 self._launching.discard(req.job_id)
                 self._last_launch = time.monotonic()
-        with self._lock:
+            raise
+        with self._lock:  # one step: recover() must always find the job's cgroup under one of these names
+            self._launching.discard(req.job_id)
+            self._last_launch = time.monotonic()
             self._jobs[req.job_id] = job
+            self._warm_names.discard(job.warm_slot)
         return job.pid
 
     def _launch(self, plan: LaunchPlan, rb: _Rollback) -> _Job:
         st = JobState(self.settings.state_dir, plan.job_id)
         warm = self._take_warm(plan)
         if warm is not None:
-            rb.undo.append(("warm", warm.discard))
+            rb.undo.append(("warm", lambda: self._drop_warm(warm)))
         # a warm slot's cgroup gets the job's name where the hierarchy allows a rename (v1); else it keeps its own
         rename = warm is not None and bool(getattr(self._cg, "can_rename", False))
         cg_name = warm.cg_name if warm is not None and not rename else plan.job_id
@@ -564,10 +578,8 @@ class JobRuntime:
         self._expect(ctl, "exec", "exec", plan, stash)
         rb.undo.clear()
         ctl.close()
-        with self._lock:
-            self._warm_names.discard(warm.cg_name)
         return _Job(plan.job_id, warm.pid, warm.pidfd, warm.cgroup, st, plan.scratch_dir,
-                    cgroup_name=str(plan_json["cgroup"]))
+                    cgroup_name=str(plan_json["cgroup"]), warm_slot=warm.cg_name)
 
     def _send_zygote(self, msg: dict[str, Any], fds: list[int]) -> None:
         with self._zlock:
@@ -747,10 +759,16 @@ class JobRuntime:
         known = set(ids)
         known_cgroups = {str((JobState(self.settings.state_dir, j).plan() or {}).get("cgroup") or j) for j in ids}
         try:
+            listed = list(self._cg.list_jobs())
+            # What to keep is read after the listing: a warm slot (being) made or a launch running now has its
+            # name in _warm_names / _launching before its cgroup exists and until it is a job in _jobs, so every
+            # cgroup the listing saw of theirs is kept (read before the listing, the warm thread's first slot,
+            # made while an agent starts, was taken for an orphan and its init killed).
             with self._lock:
-                keep = (known_cgroups | self._warm_names | {j.cgroup_name for j in self._jobs.values()}
+                keep = (known_cgroups | self._warm_names | self._launching
+                        | {j.cgroup_name for j in [*self._jobs.values(), *self._done.values()]}
                         | {r.cgroup_name for r in self._reaping.values()})
-            orphans = [j for j in self._cg.list_jobs() if j not in keep]
+            orphans = [j for j in listed if j not in keep]
         except Exception:
             log.exception("listing job cgroups failed")
             orphans = []
@@ -928,6 +946,13 @@ def _adopt(ident: InitIdentity | None) -> int | None:
         os.close(fd)
         return None
     return fd
+
+
+def _exited(pidfd: int) -> bool:
+    """The process of `pidfd` has exited (a pidfd polls readable then)."""
+    p = select.poll()
+    p.register(pidfd, select.POLLIN)
+    return bool(p.poll(0))
 
 
 def _kill_and_wait(pidfd: int, timeout: float = 2.0) -> None:

@@ -65,6 +65,9 @@ def _make_spare(own_pidns: int, last_cap: int, agent: socket.socket) -> _Spare |
         try:
             agent.close()
             mine.close()
+            # nothing else of the zygote's: it may hold the ends of other launches' control sockets right now
+            # (a warm hand-over forks the next spare), and a copy kept here would hide their EOF
+            linux.close_fds_except({theirs.fileno()})
             msg, fds = protocol.recv(theirs)
             if msg is None:
                 os._exit(0)

@@ -87,3 +87,79 @@ def _spec(**kw: object) -> object:
     from nodeagent.isolation import IsolationSpec
 
     return IsolationSpec(**kw)  # type: ignore[arg-type]
+
+
+class _ListsLate:
+    """The real cgroup manager, except that list_jobs() first lets a warm slot be made (what the runtime's
+    warm thread does right after an agent starts, while the agent runs recover()), then lists."""
+
+    def __init__(self, mgr: object) -> None:
+        self.mgr = mgr
+        self.rt: object = None
+        self.made: list[int] = []
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.mgr, name)
+
+    def list_jobs(self) -> list[str]:
+        rt = self.rt
+        w = rt._make_warm()  # type: ignore[attr-defined]  # the warm thread's step, at the worst moment
+        with rt._lock:  # type: ignore[attr-defined]
+            rt._warm.append(w)  # type: ignore[attr-defined]
+        self.made.append(w.pid)
+        return self.mgr.list_jobs()  # type: ignore[attr-defined, no-any-return]
+
+
+def test_recover_keeps_a_warm_slot_made_while_it_runs(workdir: Path, parent: str, netns: Path) -> None:
+    """An agent calls recover() while its runtime's warm thread makes the first launch slots. A slot whose cgroup
+    appeared between recover() deciding what to keep and listing the cgroups was taken for an orphan: its init
+    was killed and the node's first job failed with 'setup-failed: spawn: Broken pipe' (CI, 2026-12-02)."""
+    from nodeagent.isolation import JobRuntime
+
+    from .conftest import make_cgroups, make_settings, run
+
+    mgr = _ListsLate(make_cgroups(parent))
+    rt = JobRuntime(make_settings(workdir, parent, warm_slots=0), cgroups=mgr)  # type: ignore[arg-type]
+    mgr.rt = rt
+    try:
+        assert rt.recover() == []
+        assert len(mgr.made) == 1
+        slot = mgr.made[0]
+        assert Path(f"/proc/{slot}").exists() and Path(f"/proc/{slot}/stat").read_text().split(") ")[1][0] != "Z", \
+            "recover() killed the warm slot's init"
+        ex, out, _ = run(rt, netns, ("sh", "-c", "echo $$; exit 4"))
+        assert (ex.end_reason, ex.exit_code, out) == ("exited", 4, "2\n"), ex
+    finally:
+        for j in rt.running():
+            rt.cleanup(j)
+        rt.close()
+        mgr.mgr.close()  # type: ignore[attr-defined]
+
+
+def test_a_dead_warm_slot_is_skipped_not_fatal(workdir: Path, parent: str, netns: Path) -> None:
+    """A warm slot's idle init killed from outside (an administrator, the OOM killer): the next job with the
+    default limits does not fail on it, it runs (through the other slot or the cold path)."""
+    import os
+    import signal
+
+    from nodeagent.isolation import JobRuntime
+
+    from .conftest import cgroup_procs_of, make_cgroups, make_settings, run
+
+    mgr = make_cgroups(parent)
+    rt = JobRuntime(make_settings(workdir, parent, warm_slots=1), cgroups=mgr)
+    try:
+        assert rt.wait_warm(10.0) == 1
+        idle = cgroup_procs_of(parent, warm=True)
+        assert len(idle) == 1, idle
+        os.kill(int(idle[0]), signal.SIGKILL)  # the warm slot's init: a child of our runtime's zygote
+        deadline = time.monotonic() + 5
+        while Path(f"/proc/{idle[0]}").exists() and time.monotonic() < deadline:
+            time.sleep(0.01)  # the zygote reaps it
+        ex, out, err = run(rt, netns, ("sh", "-c", "echo ran"))
+        assert (ex.end_reason, ex.exit_code, out) == ("exited", 0, "ran\n"), (ex, err)
+    finally:
+        for j in rt.running():
+            rt.cleanup(j)
+        rt.close()
+        mgr.close()
