@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import queue
+import re
 import select
 import shutil
 import signal
@@ -64,6 +65,7 @@ log = logging.getLogger(__name__)
 
 NS_GET_NSTYPE = 0xB703
 WARM_QUIET_S = 0.005  # warm slots are refilled only after this long without a launch
+_WARM_NAME = re.compile(r"w[0-9a-f]{10}")  # the cgroup (and hidden dir) names of warm launch slots
 REAPERS = 4  # at most this many threads finish cleanups (mostly waiting on cgroupfs and the file system)
 _PKG_PARENT = str(Path(__file__).resolve().parents[2])
 _BOOT = (
@@ -366,7 +368,7 @@ class JobRuntime:
                     self._warm.append(w)
 
     def _make_warm(self) -> _Warm:
-        name = f"w{os.urandom(5).hex()}"
+        name = f"w{os.urandom(5).hex()}"  # _WARM_NAME
         with self._lock:
             self._warm_names.add(name)
         limits = self._default_limits if self._default_limits is not None else _default_cgroup_limits()
@@ -775,7 +777,10 @@ class JobRuntime:
         for job_id in orphans:
             cg = self._open_cgroup(job_id)
             if cg is not None:
-                log.warning("job %s: removing a cgroup without a job", job_id)
+                if _WARM_NAME.fullmatch(job_id):  # expected after the agent was killed: not worth a warning
+                    log.info("removing the warm launch slot %s of a previous agent", job_id)
+                else:
+                    log.warning("job %s: removing a cgroup without a job", job_id)
                 try:
                     _destroy_cgroup(cg)
                 except Exception:  # one stuck cgroup must not stop the recovery of the others
