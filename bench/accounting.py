@@ -2,7 +2,7 @@
 reads, the spool's durable append, and the packet path with and without the counters.
 
     python -m bench.accounting [--jobs 200] [--rounds 5] [--pairs 10] [--seconds 3] [--no-overlay]
-                               [--variants on[,tc,nft,...]|all] [--profile [--profile-runs N]] [--no-offload]
+                               [--variants on[,tcx,nft,...]|all] [--profile [--profile-runs N]] [--no-offload]
                                [--concurrent PAIRS [--concurrent-ab on,off/off,off]]
 
 Packet path: iperf3 (`-J`, one TCP stream) from one job's namespace to another's, with the accounting
@@ -14,8 +14,9 @@ Two paths:
   overlay  two jobs on two "nodes" joined by VXLAN: the lab's underlay (deploy.lab, namespaces and veths
            only: no controller, no agent) and the data path of bench.overlay_throughput built by hand
            (bridge, VXLAN nolearning with static FDB/neighbour entries, MTU 1450), one node prefix per node
-`--variants` adds peers, each A/B against `off` in the same rounds: `tc` (the same programs on classic tc
-hooks), `nft` (the nftables table jobnet counted with until 2026-12-02, bench/nft_accounting.py) and rule-set
+`--variants` adds peers, each A/B against `off` in the same rounds: `tcx` / `tc` (the same programs on that
+hook; `on` is the product's default hook, classic tc since 2026-12-02's third session), `nft` (the nftables
+table jobnet counted with until 2026-12-02, bench/nft_accounting.py) and rule-set
 variants of it (VARIANTS below). `--profile` adds `--profile-runs` runs per variant (and `off`) under
 `perf record -a` and prints the share of iperf3's CPU samples spent under a frame hook (HOOK_SYMBOLS): a cost
 measure that, unlike the throughput ratio, does not swing with other work on the machine. `--concurrent`
@@ -56,7 +57,7 @@ from bench.overlay_throughput import (
 )
 from deploy.lab import Lab
 from nodeagent.accounting import JobNet, NetAccounting, NetTotals, UsageSpool
-from nodeagent.accounting.hooks import KINDS, Hooks
+from nodeagent.accounting.hooks import KINDS, Hooks, tcx_supported
 from nodeagent.accounting.rules import DEVICE, KEYS, mac_prefix
 from nodeagent.kernel.namespaces import Namespaces, write_sysctl
 
@@ -135,6 +136,7 @@ def _vmap(prefix: int) -> str:
 
 
 # nftables peers of the product ("on": the BPF programs). "nft" is the table jobnet used until 2026-12-02.
+HOOK_VARIANTS = KINDS  # the product's programs on one hook: "tc" (its default, = "on") or "tcx"
 VARIANTS: dict[str, Callable[[int], str]] = {
     "nft": create_commands,                                                  # the nftables peer, as it was
     "none": lambda _prefix: "",                                              # no table either: an A/A control
@@ -151,11 +153,12 @@ VARIANTS: dict[str, Callable[[int], str]] = {
 
 @dataclass(frozen=True)
 class Counting:
-    """The product's counters (acct: tcx where the kernel has it), the same on classic tc hooks (tc: the
-    counting before tcx, Linux 6.6), and a way into the bench's namespaces (ns) for the nftables peers."""
+    """The product's counters (acct: on its default hook, classic tc), the same programs on each hook the
+    kernel has (by_hook: "tc", and "tcx" on Linux 6.6+), and a way into the bench's namespaces (ns) for the
+    nftables peers."""
 
     acct: NetAccounting
-    tc: NetAccounting
+    by_hook: dict[str, NetAccounting]
     ns: Namespaces
 
 
@@ -184,17 +187,23 @@ def detach_programs(c: Counting, netns: Path, job: str | None = None) -> None:
                         finally:
                             os.close(p.fd)
     c.ns.run_in(netns, work)
-    for acct in (c.acct, c.tc):
+    for acct in (c.acct, *c.by_hook.values()):
         acct.release(job if job is not None else str(netns))
 
 
 def set_variant(c: Counting, netns: Path, mac: str, k: str | None) -> None:
-    """The job's counting as variant `k`: "on" (the product: BPF programs and map, as the agent installs them),
-    "tc" (the same on classic tc hooks), an nftables rule set of VARIANTS, or nothing (None, "off")."""
+    """The job's counting as variant `k`: "on" (the product: BPF programs and map, as the agent installs them
+    by default), "tc" / "tcx" (the same on that hook), an nftables rule set of VARIANTS, or nothing (None,
+    "off")."""
     detach_programs(c, netns)
     set_rules(c, netns, VARIANTS[k](mac_prefix(mac)) if k in VARIANTS else None)
-    if k in ("on", "tc"):
-        (c.acct if k == "on" else c.tc).ensure(str(netns), netns, mac)
+    if k == "on" or k in HOOK_VARIANTS:
+        (c.acct if k == "on" else c.by_hook[k]).ensure(str(netns), netns, mac)
+
+
+def ipv6_off() -> None:
+    for k in ("ipv6/conf/all/disable_ipv6", "ipv6/conf/default/disable_ipv6"):
+        write_sysctl(k, "1", "bench")
 
 
 def sh_in(netns: Path, *argv: str) -> None:
@@ -399,11 +408,11 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true",
                     help="also one perf-profiled run per variant: CPU share of the accounting chains")
     a = ap.parse_args()
-    a.variants = ["on", "tc", *VARIANTS] if a.variants == "all" else a.variants.split(",")
+    a.variants = ["on", *HOOK_VARIANTS, *VARIANTS] if a.variants == "all" else a.variants.split(",")
     a.concurrent_ab = [tuple(x.split(",")) for x in a.concurrent_ab.split("/")]
     if any(len(x) != 2 for x in a.concurrent_ab):
         ap.error("--concurrent-ab: A,B[/C,D...]")
-    if unknown := set(a.variants) - set(VARIANTS) - {"on", "tc"}:
+    if unknown := set(a.variants) - set(VARIANTS) - {"on", *HOOK_VARIANTS}:
         ap.error(f"unknown variants {sorted(unknown)}")
     if a.jobs < 2:
         ap.error("--jobs must be at least 2")
@@ -418,8 +427,7 @@ def main() -> None:
         for n in [f"{prefix}-sw", *names]:
             netns.create(n)
             made.append(n)
-            ns.run_in(NETNS / n, lambda: [write_sysctl(k, "1", "bench") for k in (
-                "ipv6/conf/all/disable_ipv6", "ipv6/conf/default/disable_ipv6")])
+            ns.run_in(NETNS / n, ipv6_off)
         with IPRoute(netns=f"{prefix}-sw") as sw:
             sw.link("add", ifname="jnabbr", kind="bridge", br_stp_state=0, br_forward_delay=0, br_mcast_snooping=0)
             br = sw.link_lookup(ifname="jnabbr")[0]
@@ -440,15 +448,19 @@ def main() -> None:
         acct = NetAccounting(ns)
 
         # 1. set-up (create) and an idempotent ensure (verify) per job; the set-up on the other hook too
-        c = Counting(acct, NetAccounting(ns, hook="tc"), ns)
+        c = Counting(acct, {h: NetAccounting(ns, hook=h) for h in KINDS if h == "tc" or tcx_supported()}, ns)
+        if missing := {v for v in a.variants if v in HOOK_VARIANTS} - set(c.by_hook):
+            ap.error(f"this kernel has no {', '.join(sorted(missing))} hooks")
         setup: dict[str, list[float]] = {acct.hook: []}
         verify = []
-        if acct.hook != "tc":
-            setup["tc"] = []
+        for hook, other in c.by_hook.items():
+            if hook == acct.hook:
+                continue
+            setup[hook] = []
             for n in names[:50]:
                 t0 = time.perf_counter()
-                assert c.tc.ensure(n, NETNS / n, macs[n]).action == "created"
-                setup["tc"].append((time.perf_counter() - t0) * 1000)
+                assert other.ensure(n, NETNS / n, macs[n]).action == "created"
+                setup[hook].append((time.perf_counter() - t0) * 1000)
                 detach_programs(c, NETNS / n, n)
         for n in names:
             t0 = time.perf_counter()

@@ -78,6 +78,7 @@ MNT_DETACH = 2
 UNDERLAY_IP = "198.18.0.11"
 GATEWAY_C, SUBNET_C = "10.201.0.1", "10.201.0.0/22"
 MTU = 1450
+MAC_PREFIX = "02:00:00"  # the bench node's MAC prefix (the controller gives each node its own)
 
 
 def pct(xs: list[float], p: float) -> float:
@@ -105,8 +106,11 @@ def verdict(ok: bool) -> str:
 class Jobnet:
     """jobnet's reconciler on one node (the calling thread's network namespace)."""
 
-    def __init__(self, netns_dir: Path, groups: int = 1, spares: int = 2, per_group: int = 0) -> None:
-        """`per_group` > 0: jobs fill the groups one after the other, that many each; 0: dealt round robin."""
+    def __init__(self, netns_dir: Path, groups: int = 1, spares: int = 2, per_group: int = 0,
+                 accounting: str = "off") -> None:
+        """`per_group` > 0: jobs fill the groups one after the other, that many each; 0: dealt round robin.
+        `accounting` "tcx"/"tc": each job's counting programs as the agent does (NetAccounting.ensure after the
+        reconcile, timed apart; spares refilled with the programs installed ahead, untimed)."""
         from nodeagent.desired import DesiredState, GroupSpec
         from nodeagent.kernel.namespaces import tmpfs_for_netns_dir
         from nodeagent.kernel.reconciler import NetSettings, NetworkReconciler
@@ -116,6 +120,12 @@ class Jobnet:
         self.rec = NetworkReconciler(NetSettings(netns_dir=netns_dir, underlay_ifname="jnsul",
                                                  underlay_ip=UNDERLAY_IP, spare_namespaces=spares))
         self.refills: list[float] = []
+        self.acct: Any = None
+        self.acct_ms: list[float] = []
+        if accounting != "off":
+            from nodeagent.accounting import NetAccounting
+
+            self.acct = NetAccounting(hook=accounting)  # built in the node namespace, as the agent's is
         # Group g: 10.200.<4g>.0/22 on its own bridge.
         self.groups = {f"bench{g}": GroupSpec(f"bench{g}", 4100 + g, f"10.200.{4 * g}.0/22", f"10.200.{4 * g}.1", MTU)
                        for g in range(groups)}
@@ -136,8 +146,14 @@ class Jobnet:
         dt = (time.perf_counter() - t0) * 1000
         self.state = state
         fan = self.rec.last_fan_out_s * 1000
+        job = self.jobs.get(job_id)
+        if self.acct is not None and job is not None:  # the agent's step before it starts the job
+            t1 = time.perf_counter()
+            self.acct.ensure(job_id, self.rec.job_netns_path(job_id), job.mac)
+            self.acct_ms.append((time.perf_counter() - t1) * 1000)
+        prepare = (lambda: self.acct.prepare_here(MAC_PREFIX)) if self.acct is not None else None
         t1 = time.perf_counter()
-        if self.rec.refill_spares():  # as the agent does after a pass (not counted: off the job's path)
+        if self.rec.refill_spares(prepare=prepare):  # as the agent does after a pass (not counted: off the path)
             self.refills.append((time.perf_counter() - t1) * 1000)
         return dt - fan, fan
 
@@ -153,13 +169,15 @@ class Jobnet:
         else:  # dealt round robin
             g, j = i % len(self.groups), i // len(self.groups)
         ip = f"10.200.{4 * g + (j + 2) // 256}.{(j + 2) % 256}"
-        self.jobs[jid] = LocalJob(jid, f"bench{g}", ip, f"02:00:00:{r:02x}:{(i >> 8) & 255:02x}:{i & 255:02x}",
+        self.jobs[jid] = LocalJob(jid, f"bench{g}", ip, f"{MAC_PREFIX}:{r:02x}:{(i >> 8) & 255:02x}:{i & 255:02x}",
                                   ("true",))
         return self._publish(jid)
 
     def remove(self) -> tuple[float, float]:
         jid = next(iter(self.jobs))
         del self.jobs[jid]
+        if self.acct is not None:
+            self.acct.release(jid)
         return self._publish(jid)
 
     def close(self) -> None:
@@ -167,6 +185,8 @@ class Jobnet:
 
         self.rec.reconcile(DesiredState(self.state.revision + 1), full=True)  # group devices too
         self.rec.close()
+        if self.acct is not None:
+            self.acct.close()
 
 
 class Cni:
@@ -317,14 +337,14 @@ def wait_gone(cni: Cni | None, timeout: float = 30.0) -> float:
 
 
 def one_round(r: int, n: int, work: Path, tag: str, ctl: Control, groups: int = 1,
-              fill: bool = False) -> dict[str, Any]:
+              fill: bool = False, accounting: str = "off") -> dict[str, Any]:
     """Phase A: jobnet alone (the node has only jobnet's jobs), with the control. Phase B: jobnet and CNI
     alternating, with the control."""
     keys = ("a_setup", "a_fan", "a_ctl", "a_down", "a_dfan", "j_setup", "j_fan", "c_setup", "k_setup", "j_down",
             "c_del", "c_down")
     out: dict[str, Any] = {k: [] for k in keys}
     load0 = loadavg()
-    jn = Jobnet(work / "netns", groups, per_group=-(-n // groups) if fill else 0)
+    jn = Jobnet(work / "netns", groups, per_group=-(-n // groups) if fill else 0, accounting=accounting)
     try:
         gc.collect()
         for i in range(n):
@@ -337,6 +357,7 @@ def one_round(r: int, n: int, work: Path, tag: str, ctl: Control, groups: int = 
             out["a_down"].append(own)
             out["a_dfan"].append(fan)
         out["a_gone_s"] = wait_gone(None)
+        out["a_acct"], out["a_refill"] = jn.acct_ms, jn.refills
     finally:
         jn.close()
     jn = Jobnet(work / "netns", groups, per_group=-(-n // groups) if fill else 0)
@@ -376,16 +397,18 @@ def summary(o: dict[str, Any], k: int) -> dict[str, float]:
             "kflat": flat(o["k_setup"]), "cflat": flat(cs), "jd50": pct(o["j_down"], 50), "cd50": pct(o["c_down"], 50)}
 
 
-def inner(n: int, rounds: int, work: Path, tag: str, groups: int = 1, fill: bool = False) -> int:
+def inner(n: int, rounds: int, work: Path, tag: str, groups: int = 1, fill: bool = False,
+          accounting: str = "off") -> int:
     node_setup()
     ctl = Control(work / "netns-k", f"{tag}-k")
     try:
-        return report(n, rounds, work, tag, ctl, groups, fill)
+        return report(n, rounds, work, tag, ctl, groups, fill, accounting)
     finally:
         ctl.close()
 
 
-def report(n: int, rounds: int, work: Path, tag: str, ctl: Control, groups: int = 1, fill: bool = False) -> int:
+def report(n: int, rounds: int, work: Path, tag: str, ctl: Control, groups: int = 1, fill: bool = False,
+           accounting: str = "off") -> int:
     shape = "in ONE group (one bridge)" if groups == 1 else (
         f"in {groups} groups of ~{n // groups} (a bridge each), "
         + ("filled one group after the other" if fill else "dealt round robin"))
@@ -403,7 +426,7 @@ def report(n: int, rounds: int, work: Path, tag: str, ctl: Control, groups: int 
             print(fmt(f"  step {lo + 1}-{min(n, lo + 100)}", o[key][lo:lo + 100]))
 
     for r in range(rounds):
-        o = one_round(r, n, work, tag, ctl, groups, fill)
+        o = one_round(r, n, work, tag, ctl, groups, fill, accounting)
         allr.append(o)
         s = summary(o, k)
         sums.append(s)
@@ -419,6 +442,13 @@ def report(n: int, rounds: int, work: Path, tag: str, ctl: Control, groups: int 
               f"jobnet / control {s['aadj']:.3f}")
         print(f"  own network + fan-out, p50 first {k} / last {k}: {s['tot_first']:.2f} / {s['tot_last']:.2f} ms "
               f"(fan-out alone {s['fan_first']:.2f} / {s['fan_last']:.2f} ms)")
+        if o["a_acct"]:
+            with_acct = [x + y for x, y in zip(o["a_setup"], o["a_acct"], strict=True)]
+            ramp(o, "a_acct", f"+ accounting ({accounting}), ensure")
+            print(fmt("= setup with accounting", with_acct))
+            print(fmt("spare refill with the programs", o["a_refill"]) + "  (after the pass, off the job's path)")
+            wflat = pct(with_acct[-k:], 50) / pct(with_acct[:k], 50)
+            print(f"  setup with accounting, p50 last {k} / first {k}: {wflat:.3f}")
         print(" B: jobnet and CNI alternating")
         ramp(o, "j_setup", "jobnet setup")
         ramp(o, "c_setup", "CNI bridge+host-local ADD")
@@ -506,11 +536,16 @@ def main() -> int:
                          "in the node's live jobs), or deal the jobs round robin (the last jobs join groups that "
                          "are nearly full: the flatness then also measures the group's size, which the job's own "
                          "neighbour entries grow with)")
+    ap.add_argument("--accounting", choices=["off", "tcx", "tc"], default="off",
+                    help="ramp A only: also each job's accounting programs, as the agent installs them (in the "
+                         "spare namespaces ahead of time, verified by NetAccounting.ensure before the job starts); "
+                         "timed apart from the setup, whose targets stay the issue's like-for-like comparison")
     ap.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--tag", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.inner:
-        return inner(a.jobs, a.rounds, Path(f"/run/jobnet/bench-setup-{a.tag}"), a.tag, a.groups, a.deal == "fill")
+        return inner(a.jobs, a.rounds, Path(f"/run/jobnet/bench-setup-{a.tag}"), a.tag, a.groups, a.deal == "fill",
+                     a.accounting)
     if os.geteuid() != 0:
         sys.exit("run as root")
     if a.jobs > 1000 * a.groups:
@@ -527,7 +562,7 @@ def main() -> int:
         return subprocess.run([sys.executable, "-m", "deploy.lab", "_nsexec", f"/run/netns/{tag}-j", "--",
                                sys.executable, "-m", "bench.job_setup", "--inner", "--tag", tag,
                                "--jobs", str(a.jobs), "--rounds", str(a.rounds), "--groups", str(a.groups),
-                               "--deal", a.deal],
+                               "--deal", a.deal, "--accounting", a.accounting],
                               cwd=root).returncode
     finally:
         cleanup(tag, work)

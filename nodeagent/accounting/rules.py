@@ -4,11 +4,11 @@ Six counters per job, each (bytes, packets), in KEYS order: tx_local tx_overlay 
 rx_overlay rx_external. They are kept by the kernel in a per-CPU BPF array map, counted by two programs on
 the job's `eth0` (nodeagent/accounting/bpf.py has the instructions, counters.py installs them):
 
-    tcx egress  (last on the hook: after anything that could still drop the frame)   "jn_acct_tx"
+    egress  (last on the hook: after anything that could still drop the frame)       "jn_acct_tx"
         destination MAC starts with the node prefix 02:NN:NN -> tx_local     (a job on the same node)
         destination MAC starts with 02                       -> tx_overlay   (another node's job)
         anything else (broadcast, multicast, the gateway)    -> tx_external
-    tcx ingress (first on the hook: before anything else sees the frame)             "jn_acct_rx"
+    ingress (first on the hook: before anything else sees the frame)                 "jn_acct_rx"
         PACKET_OTHERHOST (unicast for another MAC, a bridge's flooding) and PACKET_LOOPBACK (the looped-back
         copy of the job's own broadcast, which never crossed the device): not counted
         source MAC: the same three classes into rx_local, rx_overlay, rx_external
