@@ -15,7 +15,7 @@ Two paths:
            only: no controller, no agent) and the data path of bench.overlay_throughput built by hand
            (bridge, VXLAN nolearning with static FDB/neighbour entries, MTU 1450), one node prefix per node
 `--variants` adds peers, each A/B against `off` in the same rounds: `tcx` / `tc` (the same programs on that
-hook; `on` is the product's default hook, classic tc since 2026-12-02's third session), `nft` (the nftables
+hook; `on` is the product's default, tcx where the kernel has it), `nft` (the nftables
 table jobnet counted with until 2026-12-02, bench/nft_accounting.py) and rule-set
 variants of it (VARIANTS below). `--profile` adds `--profile-runs` runs per variant (and `off`) under
 `perf record -a` and prints the share of iperf3's CPU samples spent under a frame hook (HOOK_SYMBOLS): a cost
@@ -153,9 +153,9 @@ VARIANTS: dict[str, Callable[[int], str]] = {
 
 @dataclass(frozen=True)
 class Counting:
-    """The product's counters (acct: on its default hook, classic tc), the same programs on each hook the
-    kernel has (by_hook: "tc", and "tcx" on Linux 6.6+), and a way into the bench's namespaces (ns) for the
-    nftables peers."""
+    """The product's counters (acct: on its default hook, tcx where the kernel has it), the same programs on
+    each hook the kernel has (by_hook: "tc", and "tcx" on Linux 6.6+), and a way into the bench's namespaces
+    (ns) for the nftables peers."""
 
     acct: NetAccounting
     by_hook: dict[str, NetAccounting]

@@ -80,13 +80,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--usage-interval", type=float, default=10.0, metavar="SECONDS",
                    help="network accounting: read every job's traffic counters and queue a usage report for the "
                    "controller every SECONDS (default: %(default)s); a job's final totals are always read at its end")
-    p.add_argument("--accounting-hook", choices=["tc", "tcx", "auto"], default="tc",
-                   help="where each job's counting programs hang on its eth0: tc (a clsact qdisc with cls_bpf "
-                   "filters: any kernel, ~1.5 %% of a TCP stream's CPU) or tcx (Linux 6.6+: ~0.7 %%, but every "
-                   "attach and every job namespace's teardown waits for RCU grace periods with the RTNL held, "
-                   "~20 ms per job each: jobs ending in a burst stall the node's netlink work, up to 1.5 s for "
-                   "100); auto: tcx where the kernel has it (default: %(default)s). Counts move with the "
-                   "programs when this changes")
+    p.add_argument("--accounting-hook", choices=["auto", "tcx", "tc"], default="auto",
+                   help="where each job's counting programs hang on its eth0: tcx (Linux 6.6+: ~0.7 %% of a TCP "
+                   "stream's CPU, but every attach and every job namespace's teardown waits for RCU grace "
+                   "periods with the RTNL held, ~20 ms per job each: jobs ending in a burst stall the node's "
+                   "other netlink work, over 1 s for 100) or tc (a clsact qdisc with cls_bpf filters: any kernel, "
+                   "~2 %% of the stream's CPU, no such wait: for nodes whose jobs come and go in bursts); auto: "
+                   "tcx where the kernel has it (default: %(default)s). Counts move with the programs when this "
+                   "changes")
     p.add_argument("--spare-netns", type=int, default=2, metavar="N",
                    help="job network namespaces to keep made ahead (unshared, veth created) for the next jobs, "
                    "refilled after each pass; 0: make each one when its job comes (default: %(default)s)")

@@ -1,9 +1,9 @@
 """Per-job counters: install (idempotently), verify, repair, read.
 
 A job's counters are a per-CPU array map of six (bytes, packets) values, counted by two small BPF programs
-on the job's `eth0`, attached to the device's tc hooks (classic tc by default, or tcx: hooks.py; egress: "tx",
-ingress: "rx"; see bpf.program for the instructions and rules.py for the meaning). On tcx they are attached with
-BPF_PROG_ATTACH, not as links, and on tc as cls_bpf filters: either way they belong to the
+on the job's `eth0`, on the device's tcx hooks where the kernel has them, else classic tc (hooks.py; egress:
+"tx", ingress: "rx"; see bpf.program for the instructions and rules.py for the meaning). On tcx they are
+attached with BPF_PROG_ATTACH, not as links, on tc as cls_bpf filters: either way they belong to the
 device, outlive the agent (a SIGKILLed agent finds them, and the map through them, after its restart) and go
 with the device. The agent also holds every live job's map open, so that the counts survive `eth0` being
 deleted and made again (a network repair): the programs are attached again to the same map at the next
@@ -80,8 +80,8 @@ class _Map:
 
 
 class NetAccounting:
-    def __init__(self, namespaces: Namespaces | None = None, hook: str = "tc") -> None:
-        """`hook`: where the programs go, "tc", "tcx" or "auto" (tcx where the kernel has it); see hooks.py.
+    def __init__(self, namespaces: Namespaces | None = None, hook: str = "auto") -> None:
+        """`hook`: where the programs go, "tcx", "tc" or "auto" (tcx where the kernel has it); see hooks.py.
         ValueError for "tcx" on a kernel without it."""
         self.hook = resolve(hook)
         # Namespaces() remembers the namespace of the constructing thread: build this in the agent's.

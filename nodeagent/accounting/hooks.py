@@ -1,16 +1,17 @@
 """Where the counting programs hang on the job's eth0: tcx (Linux 6.6+) or classic tc (a clsact qdisc with
 cls_bpf direct-action filters, any kernel since 4.5). The same programs, the same map, the same bytes.
 
-Classic tc is the default. tcx costs less per frame (bench/README: 0.6-0.7 % of a TCP stream's CPU against
-1.4-1.7 % on tc; the old nftables chains took 2.7-3.2 %), but on the kernel's control path every tcx attach,
-detach and uninstall waits for an RCU grace period with the RTNL held (~10 ms here, two per job at set-up and
-two more when the job's namespace is destroyed), where a cls_bpf filter comes and goes in well under a
-millisecond. A node whose jobs end in a burst then holds the RTNL for ~12 ms per job inside the kernel's
-namespace cleanup, and every netlink change on the node waits: 100 jobs ending stalled the agent's other
-netlink work up to 1.3-1.5 s (bench/job_setup --accounting tcx; 27 ms on tc, 28 ms with no programs at all).
-For a batch node, whose jobs come and go all day, tc is the better trade; tcx (or "auto": tcx where the kernel
-has it) suits nodes whose long jobs stream at line rate. Spare job namespaces get their programs ahead of
-time either way (nodeagent.kernel.spares).
+"auto" (the default) is tcx wherever the kernel has it: its per-frame cost is under half of classic tc's
+(bench/README: 0.6-0.7 % of a TCP stream's CPU against 1.4-2.3 % on tc, i.e. throughput on/off ~0.993 against
+0.977-0.986; the old nftables chains took 2.7-3.2 %), which is what keeps the accounting within 2 % of a
+CPU-bound stream. Its price is on the kernel's control path: every tcx attach, detach and uninstall waits for
+an RCU grace period with the RTNL held (~10 ms here), two when a job's counters are set up and two more when
+its namespace is destroyed, where a cls_bpf filter comes and goes in well under a millisecond. Spare job
+namespaces get their programs ahead of time (nodeagent.kernel.spares), which hides the first two; the other
+two are paid inside the kernel's namespace cleanup, so jobs ending together hold the RTNL ~20 ms each and every
+netlink change on the node waits: 100 or 500 jobs ending in a row stalled the agent's other netlink work for up
+to 1.3-1.5 s (bench/job_setup --accounting tcx; 27-50 ms on tc, 28 ms with no programs at all). Nodes whose jobs
+come and go in bursts are better off with "tc".
 
 All functions act on the CALLING thread's network namespace (ifindex and netlink are per namespace).
 """
@@ -55,11 +56,11 @@ def tcx_supported() -> bool:
 
 
 def resolve(kind: str) -> str:
-    """"tc"; "auto" -> "tcx" where the kernel has it, else "tc"; "tcx" on a kernel without it: ValueError."""
+    """"auto" -> "tcx" where the kernel has it, else "tc"; "tcx" on a kernel without it: ValueError."""
     if kind == "auto":
         return "tcx" if tcx_supported() else "tc"
     if kind == "tcx" and not tcx_supported():
-        raise ValueError("this kernel has no tcx hooks (Linux 6.6+): use --accounting-hook tc (the default) or auto")
+        raise ValueError("this kernel has no tcx hooks (Linux 6.6+): use --accounting-hook tc (or auto)")
     if kind not in KINDS:
         raise ValueError(f"unknown accounting hook {kind!r}: one of auto, {', '.join(KINDS)}")
     return kind

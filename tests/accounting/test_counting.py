@@ -451,14 +451,13 @@ def test_flooded_unicast_is_not_charged_to_bystanders(topo: Topo) -> None:
                    state=0x40)
 
 
-def test_default_hook_is_classic_tc() -> None:
-    """The agent's default: classic tc (tcx's RCU waits at attach and at namespace teardown hold the RTNL,
-    which stalls a batch node's netlink work when jobs end together; hooks.py). `auto` is tcx where the kernel
-    has it."""
+
+def test_default_hook_is_tcx_where_the_kernel_has_it() -> None:
+    """The agent's default: tcx where the kernel has it (the cheapest per frame), else classic tc."""
     from nodeagent.accounting.hooks import resolve, tcx_supported
     from nodeagent.main import parse_args
 
     args = parse_args(["--name", "n1", "--underlay-ifname", "jnul0", "--underlay-ip", "198.18.0.11"])
-    assert args.accounting_hook == "tc"
-    assert resolve("tc") == "tc"
+    assert args.accounting_hook == "auto"
     assert resolve("auto") == ("tcx" if tcx_supported() else "tc")
+    assert resolve("tc") == "tc"
