@@ -3,7 +3,7 @@ cls_bpf direct-action filters, any kernel since 4.5). The same programs, the sam
 
 "auto" (the default) is tcx wherever the kernel has it: its per-frame cost is under half of classic tc's
 (bench/README: 0.6-0.7 % of a TCP stream's CPU against 1.4-2.3 % on tc, i.e. throughput on/off ~0.993 against
-0.977-0.986; the old nftables chains took 2.7-3.2 %), which is what keeps the accounting within 2 % of a
+0.980-0.987; the old nftables chains took 2.7-3.2 %), which is what keeps the accounting within 2 % of a
 CPU-bound stream. Its price is on the kernel's control path: every tcx attach, detach and uninstall waits for
 an RCU grace period with the RTNL held (~10 ms here), two when a job's counters are set up and two more when
 its namespace is destroyed, where a cls_bpf filter comes and goes in well under a millisecond. Spare job
