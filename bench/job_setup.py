@@ -118,7 +118,8 @@ class Jobnet:
         netns_dir.mkdir(parents=True, exist_ok=True)
         tmpfs_for_netns_dir(netns_dir)  # as jobnet-agent does (--no-netns-tmpfs aside)
         self.rec = NetworkReconciler(NetSettings(netns_dir=netns_dir, underlay_ifname="jnsul",
-                                                 underlay_ip=UNDERLAY_IP, spare_namespaces=spares))
+                                                 underlay_ip=UNDERLAY_IP, spare_namespaces=spares,
+                                                 paced_release=accounting == "tcx"))  # as jobnet-agent
         self.refills: list[float] = []
         self.acct: Any = None
         self.acct_ms: list[float] = []
@@ -356,6 +357,7 @@ def one_round(r: int, n: int, work: Path, tag: str, ctl: Control, groups: int = 
             own, fan = jn.remove()
             out["a_down"].append(own)
             out["a_dfan"].append(fan)
+        jn.rec.wait_released(120)
         out["a_gone_s"] = wait_gone(None)
         out["a_acct"], out["a_refill"] = jn.acct_ms, jn.refills
     finally:

@@ -83,11 +83,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--accounting-hook", choices=["auto", "tcx", "tc"], default="auto",
                    help="where each job's counting programs hang on its eth0: tcx (Linux 6.6+: ~0.7 %% of a TCP "
                    "stream's CPU, but every attach and every job namespace's teardown waits for RCU grace "
-                   "periods with the RTNL held, ~20 ms per job each: jobs ending in a burst stall the node's "
-                   "other netlink work, over 1 s for 100) or tc (a clsact qdisc with cls_bpf filters: any kernel, "
-                   "~2 %% of the stream's CPU, no such wait: for nodes whose jobs come and go in bursts); auto: "
-                   "tcx where the kernel has it (default: %(default)s). Counts move with the programs when this "
-                   "changes")
+                   "periods with the RTNL held, ~20 ms per job each: spares get their programs ahead of time and "
+                   "the networks of ended jobs are released one at a time in the background, ~50 ms each) or tc "
+                   "(a clsact qdisc with cls_bpf filters: any kernel, ~2 %% of the stream's CPU, no such waits); "
+                   "auto: tcx where the kernel has it (default: %(default)s). Counts move with the programs when "
+                   "this changes")
     p.add_argument("--spare-netns", type=int, default=2, metavar="N",
                    help="job network namespaces to keep made ahead (unshared, veth created) for the next jobs, "
                    "refilled after each pass; 0: make each one when its job comes (default: %(default)s)")
@@ -209,21 +209,22 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", e)
         return 2
     _raise_fd_limit()  # (after the runtime's helper started: jobs keep the limit the agent was given)
-    network = NetworkReconciler(NetSettings(
-        netns_dir=settings.netns_dir,
-        underlay_ifname=settings.underlay_ifname,
-        underlay_ip=settings.underlay_ip,
-        spare_namespaces=args.spare_netns,
-    ))
     from nodeagent.accounting import NetAccounting
 
     try:
         accounting = NetAccounting(hook=args.accounting_hook)
     except (ValueError, OSError) as e:
         log.error("network accounting: %s", e)
-        network.close()
         runtime.close()
         return 2
+    network = NetworkReconciler(NetSettings(
+        netns_dir=settings.netns_dir,
+        underlay_ifname=settings.underlay_ifname,
+        underlay_ip=settings.underlay_ip,
+        spare_namespaces=args.spare_netns,
+        # tcx programs make a namespace's destruction hold the RTNL: release gone jobs' networks one at a time
+        paced_release=accounting.hook == "tcx",
+    ))
     log.info("network accounting: BPF programs on each job's eth0, hook %s", accounting.hook)
     agent = Agent(settings, runtime, network, accounting=accounting, setup_failed=(SetupFailed,))
     if args.metrics_listen:

@@ -8,10 +8,12 @@ CPU-bound stream. Its price is on the kernel's control path: every tcx attach, d
 an RCU grace period with the RTNL held (~10 ms here), two when a job's counters are set up and two more when
 its namespace is destroyed, where a cls_bpf filter comes and goes in well under a millisecond. Spare job
 namespaces get their programs ahead of time (nodeagent.kernel.spares), which hides the first two; the other
-two are paid inside the kernel's namespace cleanup, so jobs ending together hold the RTNL ~20 ms each and every
-netlink change on the node waits: 100 or 500 jobs ending in a row stalled the agent's other netlink work for up
-to 1.3-1.5 s (bench/job_setup --accounting tcx; 27-50 ms on tc, 28 ms with no programs at all). Nodes whose jobs
-come and go in bursts are better off with "tc".
+two come when the namespace is destroyed. Left to the kernel's namespace cleanup, which destroys many at once,
+one after the other, jobs ending together would hold the RTNL ~25 ms each in one stretch and every netlink
+change on the node would wait: 100 jobs, 2.5 s (bench/teardown_stall.py; 40-80 ms on tc or without programs).
+So on tcx the agent releases the networks of jobs that are gone one at a time from a thread of its own
+(nodeagent.kernel.releaser, NetSettings.paced_release): the node's next netlink change waits ~60 ms at most,
+and releasing takes ~50 ms per job in the background. Classic tc needs none of that.
 
 All functions act on the CALLING thread's network namespace (ifindex and netlink are per namespace).
 """

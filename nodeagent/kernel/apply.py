@@ -45,6 +45,7 @@ from nodeagent.kernel.namespaces import Namespaces, ipv6_off
 from nodeagent.kernel.neighwatch import NeighWatch
 from nodeagent.kernel.netlink import Netlink
 from nodeagent.kernel.observe import LOOPBACK_IFINDEX
+from nodeagent.kernel.releaser import Releaser
 from nodeagent.kernel.spares import FRESH_NS_ETH0_INDEX, Spare, SparePool
 from nodeagent.kernel.steps import (
     AddFloodEntry,
@@ -101,9 +102,11 @@ class Applier:
     of ifindex by name; `reset_index` replaces it after a full observation."""
 
     def __init__(self, settings: NetSettings, nl: Netlink, namespaces: Namespaces,
-                 watch: NeighWatch | None = None, spares: SparePool | None = None) -> None:
+                 watch: NeighWatch | None = None, spares: SparePool | None = None,
+                 releaser: Releaser | None = None) -> None:
         self.s = settings
         self.spares = spares  # taken first by CreateJobNetwork
+        self.releaser = releaser  # releases the networks of jobs that are gone, one at a time (paced_release)
         self.nl = nl
         self.ns = namespaces
         self.watch = watch  # told about job namespaces made, remade and removed
@@ -419,14 +422,44 @@ class Applier:
 
     def _delete_job(self, step: DeleteJobNetwork) -> None:
         # Only the namespace file: the veth dies with the namespace, in the kernel's own (asynchronous,
-        # batched) cleanup; deleting it here would wait for an RCU grace period per job.
+        # batched) cleanup; deleting it here would wait for an RCU grace period per job. With a releaser (a
+        # job that is gone, not a repair), the namespace is held open and handed to it with the veth: it deletes
+        # them one at a time (releaser.py).
+        held, ifindex = -1, 0
+        if self.releaser is not None and step.gone:
+            with contextlib.suppress(OSError, KernelError):
+                ifindex = self.index(step.host_ifname)
+                held = os.open(self.job_netns_path(step.netns), os.O_RDONLY | os.O_CLOEXEC)
         self._forget(step.host_ifname)
         self._close_job_sock(step.job_id)
         if self.watch is not None:
             self.watch.forget(step.job_id)
-        self.ns.remove(self.job_netns_path(step.netns))
+        try:
+            self.ns.remove(self.job_netns_path(step.netns))
+        except BaseException:
+            if held >= 0:
+                os.close(held)
+            raise
+        if held >= 0 and self.releaser is not None:
+            self.releaser.release(step.host_ifname, ifindex, held)
+
+    def _reclaim(self, host_ifname: str) -> None:
+        """A job made again while its old network waits for the releaser: that one goes now (its name is
+        needed), deleted by its own index."""
+        got = self.releaser.take(host_ifname) if self.releaser is not None else None
+        if got is None:
+            return
+        ifindex, fd = got
+        try:
+            rawnl.send(self._raw, [rawnl.link_delete(host_ifname, ifindex)], self.nl.netns)
+        except KernelError as e:
+            if e.errno not in GONE_ERRNOS:
+                raise
+        finally:
+            os.close(fd)
 
     def _create_job(self, spec: JobNetSpec) -> None:
+        self._reclaim(spec.host_ifname)
         spare = self.spares.take() if self.spares is not None else None
         if spare is not None and self._create_job_from(spare, spec):
             return

@@ -15,7 +15,9 @@ class NetSettings:
     tables of job namespaces through the kernel's notifications (neighwatch.py; False: a full reconcile
     dumps every job namespace's table); neigh_sweep: how many job namespaces a full reconcile dumps the
     table of anyway, round robin, as a cross-check (observe.Sweep); spare_namespaces: job network namespaces
-    made ahead while idle (spares.py; 0: none)."""
+    made ahead while idle (spares.py; 0: none); paced_release: the networks of jobs that are gone are released
+    one at a time by a thread of their own instead of all at once by the kernel (releaser.py: for tcx
+    accounting programs, whose teardown holds the RTNL)."""
 
     netns_dir: Path
     underlay_ifname: str
@@ -25,6 +27,7 @@ class NetSettings:
     neigh_watch: bool = True
     neigh_sweep: int = 1
     spare_namespaces: int = 2
+    paced_release: bool = False
 
 
 @dataclass(frozen=True)

@@ -408,7 +408,8 @@ def _deletes(want: Wanted, observed: Observed, keys: Keys) -> list[Step]:
     for job_id in sorted(keys.jobs):
         ns = observed.jobs.get(job_id)
         if ns is not None and (job_id not in want.jobs or not ns.usable):
-            jobs.append(DeleteJobNetwork(job_id, names.job_netns(job_id), names.host_veth(job_id)))
+            jobs.append(DeleteJobNetwork(job_id, names.job_netns(job_id), names.host_veth(job_id),
+                                         gone=job_id not in want.jobs))
     doomed: set[str] = set()
     for ifname in sorted(keys.links):
         link = observed.links.get(ifname)

@@ -33,6 +33,7 @@ from nodeagent.kernel.neighwatch import watch_or_none
 from nodeagent.kernel.netlink import Netlink
 from nodeagent.kernel.observe import Sweep, job_netns_files, observe
 from nodeagent.kernel.plan import Wanted, advance, plan_wanted, update_wanted, wanted
+from nodeagent.kernel.releaser import Releaser
 from nodeagent.kernel.spares import SparePool
 from nodeagent.kernel.steps import (
     AddFloodEntry,
@@ -116,7 +117,8 @@ class NetworkReconciler:
         self._watch = watch_or_none(self._label) if settings.neigh_watch else None
         self._spares = SparePool(settings.netns_dir, self._ns, settings.spare_namespaces, JOB_SYSCTLS)
         self._spares.clean()  # those a killed agent left
-        self._applier = Applier(settings, self._nl, self._ns, self._watch, self._spares)
+        self._releaser = Releaser(self._label) if settings.paced_release else None
+        self._applier = Applier(settings, self._nl, self._ns, self._watch, self._spares, self._releaser)
         self._closed = False
         self._model: Observed | None = None
         self._want: Wanted | None = None
@@ -129,10 +131,16 @@ class NetworkReconciler:
     def job_netns_path(self, job_id: str) -> Path:
         return self.settings.netns_dir / names.job_netns(job_id)
 
+    def wait_released(self, timeout: float = 30.0) -> bool:
+        """With paced_release: wait until the networks of the jobs that went are released (tests, benches)."""
+        return self._releaser is None or self._releaser.wait_idle(timeout)
+
     def close(self) -> None:
         if not self._closed:
             self._closed = True
             self._spares.clean()
+            if self._releaser is not None:
+                self._releaser.close()
             self._applier.close()
             if self._watch is not None:
                 self._watch.close()
@@ -185,6 +193,12 @@ class NetworkReconciler:
                     inos[job_id] = os.stat(path).st_ino
         self._applier.retain_job_sockets(inos)
         obs, index, tables = observe(self._ns, files, whole)
+        if self._releaser is not None:  # veths of jobs that are gone, waiting for the releaser: not ours to fix
+            for ifname in self._releaser.pending:
+                obs.links.pop(ifname, None)
+                index.pop(ifname, None)
+                for key in [k for k, b in obs.bridge_fdb.items() if b.port == ifname]:
+                    del obs.bridge_fdb[key]
         if watch is not None:
             for job_id, table in tables.read.items():
                 watch.set_table(job_id, table, tables.eth0[job_id])

@@ -27,6 +27,7 @@ class DeleteJobNetwork:
     job_id: str
     netns: str
     host_ifname: str
+    gone: bool = False  # the job is not wanted any more (not a repair): its network may be released later
 
 
 @dataclass(frozen=True)

@@ -58,11 +58,13 @@ class Node:
     _ex: ThreadPoolExecutor | None = None
     rec: NetworkReconciler | None = None
 
-    def start(self, underlay_ifname: str | None = None, neigh_watch: bool = True, neigh_sweep: int = 1) -> None:
+    def start(self, underlay_ifname: str | None = None, neigh_watch: bool = True, neigh_sweep: int = 1,
+              paced_release: bool = False) -> None:
         self._ex = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"jn-{self.name}",
                                       initializer=_enter, initargs=(self.netns,))
         settings = NetSettings(netns_dir=self.netns_dir, underlay_ifname=underlay_ifname or f"jnt-u{self.name[1:]}",
-                               underlay_ip=self.underlay_ip, neigh_watch=neigh_watch, neigh_sweep=neigh_sweep)
+                               underlay_ip=self.underlay_ip, neigh_watch=neigh_watch, neigh_sweep=neigh_sweep,
+                               paced_release=paced_release)
         self.rec = self.call(lambda: NetworkReconciler(settings))
 
     def call(self, fn: Callable[[], T]) -> T:

@@ -95,7 +95,7 @@ def test_removed_group_deletes_jobs_then_vxlan_then_bridge_and_leaves_entries_to
     model = Observed()
     converge(state([GA, GB], [job(1), job(2, GB)], [ep(1, 2), ep(2, 3, GB)]), model)
     steps = converge(state([GB], [job(2, GB)], [ep(2, 3, GB)]), model)
-    assert steps == [DeleteJobNetwork(job(1).id, f"jnj-{job(1).id}", f"jnv{job(1).id}"),
+    assert steps == [DeleteJobNetwork(job(1).id, f"jnj-{job(1).id}", f"jnv{job(1).id}", gone=True),
                      DeleteLink("jnx100"), DeleteLink("jnb100")]
     assert all(e.dev == "jnx200" for e in model.fdb.values())
 

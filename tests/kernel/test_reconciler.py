@@ -24,6 +24,7 @@ from nodeagent.kernel.steps import (
     DeleteBridgeFdb,
     DeleteJobNeigh,
     DeleteJobNetwork,
+    DeleteLink,
     ReplaceBridgeFdb,
     ReplaceFdb,
     ReplaceJobNeigh,
@@ -269,7 +270,7 @@ def test_removals_leave_nothing_behind_and_foreign_objects_untouched(world: Worl
     # A job leaves n2: its namespace and veth go there; n1 drops its entries (a3 still keeps the flood entry).
     del n2.jobs[j["a2"].id]
     steps = world.reconcile_all()
-    assert steps["n2"][0] == DeleteJobNetwork(j["a2"].id, f"jnj-{j['a2'].id}", f"jnv{j['a2'].id}")
+    assert steps["n2"][0] == DeleteJobNetwork(j["a2"].id, f"jnj-{j['a2'].id}", f"jnv{j['a2'].id}", gone=True)
     assert [type(s) for s in steps["n2"]] == [DeleteJobNetwork, WithdrawJobNeigh]
     assert jn_set(steps["n2"], "delete") == {(j["a3"].id, j["a2"].ip)}
     assert (j["a1"].id, j["a2"].ip) in jn_set(steps["n1"], "delete")
@@ -887,3 +888,62 @@ def test_a_node_made_before_static_entries_is_brought_up_to_date_without_touchin
         assert bridge_static(n1, f"jnb{world.groups[group].vni}") == local_static(world, n1, group)
     assert all(learning(n1, f"jnv{job.id}") is False for _, job in n1.jobs.values())
     assert world.reconcile_all(full=True) == {"n1": [], "n2": []}
+
+
+
+def test_paced_release_of_jobs_that_are_gone(world: World, caplog: pytest.LogCaptureFixture) -> None:
+    """paced_release (the agent's setting with tcx accounting): the networks of jobs that are gone are released
+    by the releaser thread, one at a time, after the reconcile returned. Meanwhile a job that comes back with the
+    same id gets a new network at once (the releaser never deletes the new veth), a full reconcile leaves the
+    waiting veths alone (no DeleteLink), and close() hands what still waits to the kernel."""
+    n1 = world.nodes["n1"]
+    n1.stop()
+    n1.start(paced_release=True)
+    rec = n1.rec
+    assert rec is not None
+    jobs = [world.add_job("n1", "a", i) for i in range(1, 23)]
+    peer = world.add_job("n2", "a", 40)
+    world.reconcile_all()
+    gone, stay = jobs[:21], jobs[21]
+    back = gone[-1]  # the last of the gone ones in the releaser's queue: ~20 veth deletions wait before it
+    for j in gone:
+        del n1.jobs[j.id]
+
+    def pending() -> frozenset[str]:
+        return rec._releaser.pending if rec._releaser is not None else frozenset()
+
+    def go_and_come_back() -> tuple[list[Any], bool, list[Any], frozenset[str], list[Any], int]:
+        rec.refill_spares(limit=1)
+        removed = rec.reconcile(world.desired("n1", 2))
+        back_waits = f"jnv{back.id}" in pending()
+        taken = rec._spares.taken
+        n1.jobs[back.id] = ("a", back)  # back again, same id, before the releaser got to its old network
+        made = rec.reconcile(world.desired("n1", 3))
+        taken = rec._spares.taken - taken
+        waiting = pending()
+        return removed, back_waits, made, waiting, rec.reconcile(world.desired("n1", 3), full=True), taken
+
+    removed, back_waits, made, waiting, full, taken = n1.call(go_and_come_back)
+    assert sorted(s.job_id for s in removed if isinstance(s, DeleteJobNetwork) and s.gone) == sorted(
+        j.id for j in gone)
+    assert all(not n1.job_ns(j.id).exists() for j in gone[:-1])
+    assert back_waits, "the reconcile waited for the releases"
+    assert [type(s).__name__ for s in made][:1] == ["CreateJobNetwork"], made
+    assert taken == 1 and "not usable" not in caplog.text, "the spare was thrown away: its old veth had the name"
+    assert waiting, "nothing waited for the releaser during the full reconcile"
+    assert not [s for s in full if isinstance(s, DeleteLink)], full  # the releaser's, not the reconciler's
+    assert n1.call(lambda: rec.wait_released(30))
+    left = ours(n1)
+    assert {f"jnv{j.id}" for j in gone[:-1]}.isdisjoint(left) and {f"jnv{back.id}", f"jnv{stay.id}"} <= left, left
+    assert n1.in_job(back.id, "ping", "-c1", "-W2", "-q", peer.ip).returncode == 0
+    assert n1.reconcile(world.desired("n1", 3), full=True) == []
+
+    for j in (back, stay):  # close() with releases still waiting: the kernel takes them over
+        del n1.jobs[j.id]
+    n1.reconcile(world.desired("n1", 4))
+    n1.stop()
+    deadline = time.monotonic() + 15
+    while any(x.startswith("jnv") for x in ours(n1)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(x.startswith("jnv") for x in ours(n1)), ours(n1)
+    n1.start()  # (the fixture's teardown closes it again)
