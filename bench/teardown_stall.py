@@ -50,29 +50,12 @@ def _enter(name: str) -> None:
         os.close(fd)
 
 
-def _attach(hook: str, ifindex: int) -> None:
-    """The product's counting programs on eth0 of the calling thread's namespace, on `hook`."""
-    from nodeagent.accounting import bpf
-    from nodeagent.accounting.counters import VALUE
-    from nodeagent.accounting.hooks import Hooks
-    from nodeagent.accounting.rules import BASE, KEYS, MAP_NAME, PROG_NAMES, mac_prefix_of
-
-    m = bpf.map_create_percpu_array(MAP_NAME, VALUE.size, len(KEYS))
-    try:
-        with Hooks() as hooks:
-            for d, name in PROG_NAMES.items():
-                fd = bpf.prog_load_sched_cls(name, bpf.program(m, d, mac_prefix_of(NODE_PREFIX), BASE[d]))
-                try:
-                    hooks.attach(hook, ifindex, fd, d, name)
-                finally:
-                    os.close(fd)
-    finally:
-        os.close(m)
-
-
 def build(tag: str, n: int, hook: str, own: int) -> list[str]:
     from pyroute2 import IPRoute, netns
 
+    from nodeagent.accounting import NetAccounting
+
+    acct = NetAccounting(hook=hook) if hook != "none" else None
     names = []
     for i in range(n):
         j = f"{tag}-j{i}"
@@ -86,10 +69,12 @@ def build(tag: str, n: int, hook: str, own: int) -> list[str]:
             with IPRoute() as ipr:
                 idx = ipr.link_lookup(ifname="eth0")[0]
                 ipr.link("set", index=idx, state="up")
-            if hook != "none":
-                _attach(hook, idx)
+            if acct is not None:  # the product's programs on eth0, as the agent puts them into a spare
+                acct.prepare_here(NODE_PREFIX)
         finally:
             _setns(own)
+    if acct is not None:
+        acct.close()
     return names
 
 

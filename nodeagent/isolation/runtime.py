@@ -368,7 +368,7 @@ class JobRuntime:
                     self._warm.append(w)
 
     def _make_warm(self) -> _Warm:
-        name = f"w{os.urandom(5).hex()}"  # _WARM_NAME
+        name = f"w{os.urandom(5).hex()}"  # (what _WARM_NAME matches)
         with self._lock:
             self._warm_names.add(name)
         limits = self._default_limits if self._default_limits is not None else _default_cgroup_limits()

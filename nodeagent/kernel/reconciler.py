@@ -193,12 +193,12 @@ class NetworkReconciler:
                     inos[job_id] = os.stat(path).st_ino
         self._applier.retain_job_sockets(inos)
         obs, index, tables = observe(self._ns, files, whole)
-        if self._releaser is not None:  # veths of jobs that are gone, waiting for the releaser: not ours to fix
-            for ifname in self._releaser.pending:
+        waiting = self._releaser.pending if self._releaser is not None else frozenset()
+        if waiting:  # veths of jobs that are gone, waiting for the releaser: not ours to fix
+            for ifname in waiting:
                 obs.links.pop(ifname, None)
                 index.pop(ifname, None)
-                for key in [k for k, b in obs.bridge_fdb.items() if b.port == ifname]:
-                    del obs.bridge_fdb[key]
+            obs.bridge_fdb = {k: b for k, b in obs.bridge_fdb.items() if b.port not in waiting}
         if watch is not None:
             for job_id, table in tables.read.items():
                 watch.set_table(job_id, table, tables.eth0[job_id])

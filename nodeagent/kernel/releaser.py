@@ -40,7 +40,6 @@ class Releaser:
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._closed = False
-        self.released = 0
         self._thread = threading.Thread(target=self._run, name="jn-release", daemon=True)
         self._thread.start()
 
@@ -106,18 +105,15 @@ class Releaser:
             t0 = time.perf_counter()
             try:
                 rawnl.send(self._sock, [rawnl.link_delete(ifname, ifindex)], self._label)
-            except KernelError as e:
-                if e.errno not in GONE_ERRNOS:
+            except (KernelError, OSError) as e:
+                if not (isinstance(e, KernelError) and e.errno in GONE_ERRNOS):
                     log.warning("releasing the network of %s: %s (the kernel removes it with its namespace)",
                                 ifname, e)
-            except OSError as e:
-                log.warning("releasing the network of %s: %s (the kernel removes it with its namespace)", ifname, e)
             finally:
                 with self._lock:
                     if self._pending.get(ifname) == (ifindex, fd):
                         del self._pending[ifname]
                         os.close(fd)
-                        self.released += 1
                     if not self._pending:
                         self._idle.notify_all()
             log.debug("released the network of %s in %.1f ms", ifname, (time.perf_counter() - t0) * 1000)
